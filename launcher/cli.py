@@ -1,0 +1,38 @@
+"""The `launcher` console script: `launcher submit ...` (SLURM) and `launcher compare ...` (local runs)."""
+
+from __future__ import annotations
+
+import sys
+
+from launcher.errors import EXIT_USAGE, UsageError
+
+USAGE = """usage: launcher {submit,compare} ...
+
+  submit   render an sbatch script for a (multi-node) training job and submit it
+  compare  compare runs from their metrics.jsonl and saved configs
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "submit":
+            from launcher.slurm import submit_main
+
+            return submit_main(rest)
+        if command == "compare":
+            from launcher.compare import compare_main
+
+            return compare_main(rest)
+        raise UsageError(f"unknown command {command!r}: use 'launcher submit' or 'launcher compare'")
+    except UsageError as err:
+        print(f"launcher {command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

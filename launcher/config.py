@@ -1,0 +1,237 @@
+"""The recipe's configuration: one typed dataclass, filled from defaults < YAML file < command line.
+
+Every field carries its help text, so `--help`, the YAML keys and the saved config never drift apart.
+Unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import UsageError
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = _opt(
+        "digits",
+        "'digits' (embedded, no network), a local path (imagefolder/csv/parquet/json/saved datasets "
+        "folder) or a name for datasets.load_dataset",
+    )
+    image_column: str | None = _opt(None, "column holding the inputs (default: auto-detect)")
+    label_column: str | None = _opt(None, "column holding the class labels (default: auto-detect)")
+    val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
+                                    "when the dataset has no validation split")
+    num_workers: int = _opt(0, "DataLoader worker processes per training process")
+    # model
+    model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)")
+    # optimisation
+    epochs: int = _opt(10, "number of epochs")
+    batch_size: int = _opt(64, "batch size per process")
+    eval_batch_size: int | None = _opt(None, "evaluation batch size per process (default: --batch-size)")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    scheduler: str = _opt("cosine", "learning-rate schedule", ("cosine", "constant", "plateau"))
+    warmup_steps: int = _opt(0, "linear warm-up, in optimizer steps (cosine/constant)")
+    plateau_patience: int = _opt(2, "epochs without improvement before --scheduler plateau cuts the LR")
+    plateau_factor: float = _opt(0.5, "factor --scheduler plateau multiplies the LR by")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (0 or omitted: no clipping)")
+    seed: int = _opt(0, "seed for weights, data order and the validation split")
+    # validation, early stopping, best checkpoint
+    best_metric: str = _opt("val_accuracy", "validation metric for early stopping, plateau LR and the best "
+                                        "checkpoint")
+    best_mode: str = _opt("max", "whether --best-metric improves upward or downward", ("max", "min"))
+    early_stopping_patience: int | None = _opt(None, "stop after this many epochs without improvement")
+    # output, checkpoints, resume
+    output_dir: str | None = _opt(None, "where metrics, checkpoints and final weights go (default: runs/<time>)")
+    resume: str = _opt("auto", "'auto' (newest valid checkpoint in --output-dir, else start fresh), "
+                               "'never' (refuse a non-empty --output-dir) or a checkpoint folder")
+    save_every_steps: int | None = _opt(None, "also checkpoint every N optimizer steps (mid-epoch)")
+    keep_last: int = _opt(3, "number of newest checkpoints to keep (the best one is always kept)")
+    eval_only: bool = _opt(False, "evaluate the weights of --resume CHECKPOINT_DIR and write eval.json")
+    log_every: int = _opt(50, "log the training loss every N optimizer steps")
+    # W&B
+    wandb_mode: str | None = _opt(None, "online, offline or disabled (default: online when W&B credentials "
+                                        "are configured, otherwise offline)", ("online", "offline", "disabled"))
+    wandb_project: str | None = _opt(None, "W&B project (default: $WANDB_PROJECT or 'launcher')")
+    wandb_entity: str | None = _opt(None, "W&B entity (default: $WANDB_ENTITY)")
+    wandb_group: str | None = _opt(None, "W&B group, e.g. the sweep or experiment name")
+    wandb_tags: list[str] | None = _opt(None, "W&B tags (comma-separated on the command line)")
+    wandb_name: str | None = _opt(None, "W&B run name (default: the output folder's name)")
+    wandb_job_type: str | None = _opt(None, "W&B job type, e.g. train or eval")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every, "keep_last": self.keep_last}
+        if self.eval_batch_size is not None:
+            positive["eval_batch_size"] = self.eval_batch_size
+        if self.save_every_steps is not None:
+            positive["save_every_steps"] = self.save_every_steps
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"--{_flag(name)} must be at least 1 (got {value})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction})")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive (got {self.lr})")
+        if self.num_workers < 0 or self.warmup_steps < 0:
+            raise UsageError("--num-workers and --warmup-steps cannot be negative")
+        if self.warmup_steps and self.scheduler == "plateau":
+            raise UsageError("--warmup-steps works with --scheduler cosine or constant, not plateau")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise UsageError("--early-stopping-patience must be at least 1")
+        if self.eval_only and self.resume in ("auto", "never"):
+            raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
+        for name in _field_types():
+            meta = _fields()[name].metadata
+            if meta.get("choices") and getattr(self, name) is not None and getattr(self, name) not in meta["choices"]:
+                raise UsageError(f"--{_flag(name)} must be one of {', '.join(meta['choices'])} "
+                                 f"(got {getattr(self, name)!r})")
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """int | None -> int; list[str] | None -> list."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return typing.get_origin(base) or base
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        if text.lower() in ("none", "null", ""):
+            return None
+        if kind is list:
+            return [t for t in text.split(",") if t]
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2 at the entry point) instead of printing usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of defaults; command-line flags win")
+    hints = _field_types()
+    for name, f in _fields().items():
+        kind = _base_type(hints[name])
+        help_text = f.metadata["help"]
+        if kind is bool:
+            parser.add_argument(f"--{_flag(name)}", dest=name, nargs="?", const=True, type=_parse_bool,
+                                default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
+        else:
+            parser.add_argument(f"--{_flag(name)}", dest=name, type=_parse_optional(kind),
+                                choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
+                                help=help_text + f" (default: {f.default})")
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UsageError(f"cannot read config file {path}: {err.strerror}; check the --config path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise UsageError(f"config file {path} is not valid YAML ({first}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    known = _fields()
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UsageError(f"unknown key {key!r} in {path}; valid keys are: {', '.join(known)}")
+        values[name] = value
+    return values
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Type-check a YAML value against the field's annotation."""
+    if value is None:
+        return None
+    kind = _base_type(_field_types()[name])
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, str):
+        return [t for t in value.split(",") if t]
+    if kind is list and isinstance(value, list):
+        return [str(v) for v in value]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"config key {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """defaults < --config FILE.yaml < command-line flags. Raises UsageError on any bad input."""
+    args = vars(build_parser(description).parse_args(argv))
+    config_file = args.pop("config", None)
+    values = {k: _coerce(k, v) for k, v in load_yaml(config_file).items()} if config_file else {}
+    values.update(args)
+    return TrainConfig(**values)
+
+
+def wandb_credentials_configured() -> bool:
+    """True when W&B could log online: an API key in the environment or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
