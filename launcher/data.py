@@ -49,6 +49,8 @@ _MAP_BATCH = 256
 
 @dataclass
 class DataSplits:
+    """Standardized train/val datasets (feed them to make_loader) and what a model needs to know."""
+
     train: Dataset
     val: Dataset
     num_classes: int
@@ -222,8 +224,7 @@ def _load_train_val(dataset: str) -> tuple[datasets.Dataset, datasets.Dataset | 
         train_name = splits[0]
     else:
         raise UsageError(
-            f"{dataset!r} has splits {', '.join(splits)} but none named 'train'; "
-            f"rename the training split to 'train'"
+            f"{dataset!r} has splits {', '.join(splits)} but none named 'train'; rename the training split to 'train'"
         )
     val_name = next((s for s in VAL_SPLIT_NAMES if s in loaded and s != train_name), "")
     return loaded[train_name], (loaded[val_name] if val_name else None), (train_name, val_name)
@@ -297,30 +298,22 @@ def _digits() -> datasets.Dataset:
     )
     # Pixel values are counts 0..16 (of a 4x4 block); /16 puts them in [0, 1] like any image.
     images = (bunch.images / 16.0).astype(np.float32)
-    return datasets.Dataset.from_dict(
-        {"image": images, "label": bunch.target.astype(np.int64)}, features=features
-    )
+    return datasets.Dataset.from_dict({"image": images, "label": bunch.target.astype(np.int64)}, features=features)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Columns and labels
 
 
-def _find_label_column(
-    features: datasets.Features, label_column: str | None, image_column: str | None
-) -> str:
+def _find_label_column(features: datasets.Features, label_column: str | None, image_column: str | None) -> str:
     columns = list(features)
     available = ", ".join(columns)
     for flag, name in (("--label-column", label_column), ("--image-column", image_column)):
         if name is not None and name not in features:
-            raise UsageError(
-                f"{flag} {name!r} is not a column of the dataset; available columns: {available}"
-            )
+            raise UsageError(f"{flag} {name!r} is not a column of the dataset; available columns: {available}")
     if label_column is not None:
         if label_column == image_column:
-            raise UsageError(
-                f"--label-column and --image-column both name {label_column!r}; they must differ"
-            )
+            raise UsageError(f"--label-column and --image-column both name {label_column!r}; they must differ")
         return label_column
     candidates = [c for c in columns if c != image_column]
     found = next((c for c in candidates if isinstance(features[c], datasets.ClassLabel)), None)
@@ -357,9 +350,7 @@ def _encode_labels(
         if (values.dtype == object and any(v is None for v in values)) or (
             values.dtype.kind == "f" and np.isnan(values).any()
         ):
-            raise UsageError(
-                f"label column {column!r} has empty values in split '{split}'; fill or drop those rows"
-            )
+            raise UsageError(f"label column {column!r} has empty values in split '{split}'; fill or drop those rows")
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
         ids = {s: v.astype(np.int64) for s, v in raw.items()}
@@ -489,9 +480,7 @@ def _detect_image_column(features: datasets.Features, label_col: str) -> str | N
         lowered = {c.lower(): c for c in candidates}
         found = next((lowered[n] for n in IMAGE_NAMES if n in lowered), None)
     if found is None:
-        found = next(
-            (c for c in candidates if isinstance(features[c], (datasets.Array2D, datasets.Array3D))), None
-        )
+        found = next((c for c in candidates if isinstance(features[c], (datasets.Array2D, datasets.Array3D))), None)
     return found
 
 
@@ -649,9 +638,7 @@ def _chunk_array(chunk: pa.Array, name: str, sample_shape: tuple[int, ...]) -> n
             or pa.types.is_large_list(array.type)
             or pa.types.is_fixed_size_list(array.type)
         ):
-            raise UsageError(
-                f"arrays in column {name!r} do not all have the shape {sample_shape} of the first one"
-            )
+            raise UsageError(f"arrays in column {name!r} do not all have the shape {sample_shape} of the first one")
         if array.null_count:
             raise UsageError(f"column {name!r} has missing values; fill or drop those rows")
         lengths = pc.min_max(pc.list_value_length(array)).as_py()
@@ -662,9 +649,7 @@ def _chunk_array(chunk: pa.Array, name: str, sample_shape: tuple[int, ...]) -> n
             )
         array = array.flatten()
     if pa.types.is_nested(array.type):
-        raise UsageError(
-            f"arrays in column {name!r} do not all have the shape {sample_shape} of the first one"
-        )
+        raise UsageError(f"arrays in column {name!r} do not all have the shape {sample_shape} of the first one")
     # Zero-copy for numeric arrays without nulls; nulls become NaN (caught by the finiteness check).
     return array.to_numpy(zero_copy_only=False).reshape(rows, *sample_shape)
 
@@ -733,9 +718,7 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return x.sum(dim=dims), (x * x).sum(dim=dims), x.numel() // x.shape[1]
 
 
-def _mean_std(
-    spec: _InputSpec, totals: tuple[torch.Tensor, torch.Tensor, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(spec: _InputSpec, totals: tuple[torch.Tensor, torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
     total, total_sq, count = totals
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()

@@ -49,8 +49,7 @@ def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
     channels, height, width = input_shape
     if min(height, width) < _MIN_SIDE:
         raise UsageError(
-            f"--model {name} needs images of at least {_MIN_SIDE}x{_MIN_SIDE} (got {height}x{width}); "
-            f"use --model mlp"
+            f"--model {name} needs images of at least {_MIN_SIDE}x{_MIN_SIDE} (got {height}x{width}); use --model mlp"
         )
     return channels
 
@@ -58,9 +57,7 @@ def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
 class MLP(nn.Module):
     """Flatten, two hidden layers with ReLU and dropout, linear classifier."""
 
-    def __init__(
-        self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 256, dropout: float = 0.2
-    ):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 256, dropout: float = 0.2):
         super().__init__()
         features = 1
         for dim in input_shape:
@@ -119,9 +116,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -173,9 +168,7 @@ def _from_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> 
         pass
     model = factory(input_shape=input_shape, num_classes=num_classes)
     if not isinstance(model, nn.Module):
-        raise UsageError(
-            f"--model {spec!r}: {factory_name} returned {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise UsageError(f"--model {spec!r}: {factory_name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

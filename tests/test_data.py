@@ -181,9 +181,7 @@ def array_dataset(n, shape=(6, 5, 3), label="label", seed=0):
     rng = np.random.default_rng(seed)
     return datasets.Dataset.from_dict(
         {"pixels": rng.integers(0, 256, (n, *shape), dtype=np.uint8), label: (np.arange(n) % 4).tolist()},
-        features=datasets.Features(
-            {"pixels": datasets.Array3D(shape, "uint8"), label: datasets.Value("int64")}
-        ),
+        features=datasets.Features({"pixels": datasets.Array3D(shape, "uint8"), label: datasets.Value("int64")}),
     )
 
 
@@ -195,9 +193,7 @@ def test_saved_dataset_dict_with_validation_split(tmp_path):
     assert (len(splits.train), len(splits.val)) == (20, 8) and splits.val_source == "split 'validation'"
     # Channels-last uint8 arrays become (C, H, W) in [0, 1].
     assert splits.input_shape == (3, 6, 5)
-    expected = torch.from_numpy(array_dataset(8, seed=1).with_format("numpy")[:]["pixels"]).permute(
-        0, 3, 1, 2
-    )
+    expected = torch.from_numpy(array_dataset(8, seed=1).with_format("numpy")[:]["pixels"]).permute(0, 3, 1, 2)
     assert torch.allclose(unstandardize(splits, whole(splits.val)[0]), expected / 255.0, atol=1e-5)
     assert splits.num_classes == 4 and splits.class_names == ["0", "1", "2", "3"]
 
@@ -343,9 +339,7 @@ def test_hub_name_offline_says_what_works_offline(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(
-        UsageError, match="could not find or load dataset 'someone/no-such-set'.*work offline"
-    ):
+    with pytest.raises(UsageError, match="could not find or load dataset 'someone/no-such-set'.*work offline"):
         load_splits("someone/no-such-set")
 
 
