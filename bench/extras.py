@@ -1,0 +1,277 @@
+"""The benchmark's other sections: validation alone, loaders alone, scaling, start-up and checkpoint cost.
+
+Each section is a function `(args, workloads) -> (results as plain data, Markdown table)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.loops import _lean_validate, clock
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "accelerate_configs"
+
+
+def _interleaved(cases: dict, repeats: int, seed: int) -> dict:
+    """Run each case `repeats` times in a new random order each round; (wall, cpu) seconds per run."""
+    rng = random.Random(seed)
+    times = {k: {"wall": [], "cpu": []} for k in cases}
+    for _ in range(repeats):
+        order = list(cases)
+        rng.shuffle(order)
+        for k in order:
+            start = clock()
+            cases[k]()
+            end = clock()
+            times[k]["wall"].append(end[0] - start[0])
+            times[k]["cpu"].append(end[1] - start[1])
+    return {k: {"wall_s": statistics.median(v["wall"]), "cpu_s": statistics.median(v["cpu"])}
+            for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+def eval(args, workloads: dict) -> tuple[dict, str]:  # noqa: A001 - the section's name
+    """One validation pass: the lean loop's (on-device sums, one read) vs launcher.evaluate (exact confusion
+    matrix, per-sample losses, one all-reduce when distributed)."""
+    from bench.loops import reset_accelerate_state
+    from launcher import evaluate, make_accelerator
+
+    results, lines = {}, ["### Validation alone (one pass over the validation split)\n",
+                          "| workload | pass | ms (CPU) | ms (wall) | x lean, same loader (CPU) |", "|---|---|---:|---:|---:|"]
+    for name, w in workloads.items():
+        reset_accelerate_state()
+        acc = make_accelerator(seed=args.seed)
+        model = acc.prepare_model(w.model(args.seed))
+        xv, yv = w.tensors()[2:]
+        bs = w.batch_size
+        tensor_batches = [(xv[i:i + bs], yv[i:i + bs]) for i in range(0, len(yv), bs)]
+        peer_val = w.peer_loaders(args.seed)[1]
+        recipe_val = w.recipe_loaders()[1]
+        prepared_peer, prepared_recipe = acc.prepare_data_loader(peer_val), acc.prepare_data_loader(recipe_val)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def lean(batches):
+            def run():
+                stats = torch.zeros(4, dtype=torch.float64)
+                _lean_validate(model, batches, None, stats)
+                stats.tolist()
+            return run
+
+        def launcher_eval(loader):
+            return lambda: evaluate(model, loader, loss_fn, num_classes=w.num_classes, accelerator=acc)
+
+        cases = {"lean, tensors": lean(tensor_batches), "lean, peers' loader": lean(peer_val),
+                 "launcher evaluate, peers' loader": launcher_eval(prepared_peer),
+                 "lean, recipe loader": lean(recipe_val),
+                 "launcher evaluate, recipe loader": launcher_eval(prepared_recipe)}
+        repeats = 2 if args.smoke else {"mlp": 30, "cnn": 8}[name]
+        res = _interleaved(cases, repeats, args.seed)
+        same = {"launcher evaluate, peers' loader": "lean, peers' loader",
+                "launcher evaluate, recipe loader": "lean, recipe loader"}
+        for case, r in res.items():
+            if case in same:
+                r["cpu_x_lean_same_loader"] = r["cpu_s"] / res[same[case]]["cpu_s"]
+            ratio = f"{r['cpu_x_lean_same_loader']:.3f}x" if case in same else ""
+            lines.append(f"| {name} | {case} | {r['cpu_s'] * 1e3:.2f} | {r['wall_s'] * 1e3:.2f} | {ratio} |")
+        results[name] = {"repeats": repeats, "passes": res}
+    return results, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ loader
+
+
+def loader(args, workloads: dict) -> tuple[dict, str]:
+    """Samples/s of the loaders alone (one training epoch, nothing done with the batches)."""
+    from bench.loops import reset_accelerate_state
+    from launcher import make_accelerator
+    from launcher.data import make_loader
+
+    results = {}
+    lines = ["### Loaders alone (one shuffled training epoch, batches discarded)\n",
+             "| workload | loader | samples/s (CPU) | samples/s (wall) | us/batch (CPU) | x slicing (CPU time) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, w in workloads.items():
+        reset_accelerate_state()
+        acc = make_accelerator(seed=args.seed)
+        x, y = w.tensors()[:2]
+        n, bs = len(y), w.batch_size
+        generator = torch.Generator().manual_seed(args.seed)
+
+        def slicing():
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n, bs):
+                idx = order[i:i + bs]
+                x[idx], y[idx]
+
+        def drain(loader):
+            def run():
+                for _ in loader:
+                    pass
+            return run
+
+        workers = make_loader(w.splits.train, bs, shuffle=True, num_workers=1)
+        cases = {
+            "slicing pre-made tensors (leanest loop)": slicing,
+            "peers' DataLoader (TensorDataset)": drain(w.peer_loaders(args.seed)[0]),
+            "peers' DataLoader, accelerate-prepared": drain(acc.prepare_data_loader(w.peer_loaders(args.seed)[0])),
+            "recipe make_loader (batched __getitems__)": drain(w.recipe_loaders()[0]),
+            "recipe make_loader, accelerate-prepared": drain(acc.prepare_data_loader(w.recipe_loaders()[0])),
+            "recipe make_loader, 1 worker (wall only)": drain(workers),
+        }
+        drain(workers)()  # start the persistent worker outside the timing
+        res = _interleaved(cases, 2 if args.smoke else {"mlp": 15, "cnn": 9}[name], args.seed)
+        del workers
+        batches = -(-n // bs)
+        base = res["slicing pre-made tensors (leanest loop)"]["cpu_s"]
+        for case, r in res.items():
+            r.update(samples_per_s_cpu=n / r["cpu_s"], samples_per_s_wall=n / r["wall_s"],
+                     us_per_batch_cpu=r["cpu_s"] / batches * 1e6, cpu_x_slicing=r["cpu_s"] / base)
+            cpu_cols = ["", "", ""]
+            if "worker" not in case:  # a worker's CPU time is not this process's
+                cpu_cols = [f"{r['samples_per_s_cpu']:,.0f}", f"{r['us_per_batch_cpu']:.1f}", f"{r['cpu_x_slicing']:.2f}x"]
+            lines.append(f"| {name} | {case} | {cpu_cols[0]} | {r['samples_per_s_wall']:,.0f} | {cpu_cols[1]} | "
+                         f"{cpu_cols[2]} |")
+        results[name] = {"samples": n, "batch_size": bs, "loaders": res}
+    return results, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ scaling
+
+
+def _launch(script: Path, script_args: list[str], nproc: int, threads: int, timeout: float = 300,
+            ) -> subprocess.CompletedProcess:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = CONFIGS / ("cpu.yaml" if nproc == 1 else "cpu_ddp.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", str(nproc), "--main_process_port", str(port), str(script), *script_args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def scaling(args, workloads: dict) -> tuple[dict, str]:
+    """The CNN workload through fit and the recipe's data path in 1 and 2 gloo processes, and what each
+    evaluation all-reduces (launcher) or gathers (accelerate's gather_for_metrics) at two dataset sizes."""
+    epochs = 1 if args.smoke else 2
+    configs = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for nproc, threads in configs:
+            out = Path(tmp) / f"scaling-{nproc}x{threads}.json"
+            _launch(ROOT / "bench" / "dist_worker.py",
+                    ["--out", str(out), "--epochs", str(epochs + 1), "--cnn-samples", str(args.cnn_samples),
+                     "--seed", str(args.seed), "--threads", str(threads)], nproc, threads)
+            results[f"{nproc}x{threads}"] = json.loads(out.read_text())
+    base = results["1x1"]["samples_per_s"]
+    lines = ["### Scaling: CNN workload, fit + recipe data path, gloo (batch 64 per process)\n",
+             "| processes x threads | train samples/s | speed-up vs 1x1 | epoch s (wall) |", "|---|---:|---:|---:|"]
+    for key, r in results.items():
+        lines.append(f"| {key} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / base:.2f}x | {r['epoch_s']:.2f} |")
+    two = results["2x1"]["collectives"]
+    lines += ["\nCollectives per evaluation with 2 processes (bytes sent into collectives by rank 0):\n",
+              "| evaluation | val samples | calls | bytes |", "|---|---:|---:|---:|"]
+    for key, r in two.items():
+        if key.startswith("eval"):
+            lines.append(f"| {r['what']} | {r['val_samples']} | {r['calls']} | {r['bytes']:,} |")
+    steps = two["fit"]
+    lines.append(f"\nDuring fit (2 processes, {steps['steps']} optimizer steps), outside DDP's gradient buckets: "
+                 f"{steps['calls']} collective calls, {steps['bytes']:,} bytes ({steps['what']}).")
+    return results, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ startup
+
+
+def startup(args, workloads: dict) -> tuple[dict, str]:
+    """`accelerate launch recipes/classify.py` until the first optimizer step has run (timestamps from
+    bench/first_step.py, which runs the recipe unchanged)."""
+    runs = {1: [], 2: []}
+    repeats = 1 if args.smoke else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for nproc in (1, 2):
+                out = Path(tmp) / f"start-{nproc}-{r}.json"
+                launched = time.time()
+                _launch(ROOT / "bench" / "first_step.py",
+                        ["--timestamps", str(out), "--output-dir", str(Path(tmp) / f"run-{nproc}-{r}"),
+                         "--epochs", "1", "--wandb-mode", "disabled"], nproc, 1)
+                marks = json.loads(out.read_text())
+                runs[nproc].append({k: v - launched for k, v in marks.items()})
+    results = {n: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for n, rs in runs.items()}
+    lines = ["### Start-up: `accelerate launch recipes/classify.py` (digits, MLP) to the first training step\n",
+             "| processes | script running | imports done | fit called (data, model ready) | first step done |",
+             "|---|---:|---:|---:|---:|"]
+    for n, r in results.items():
+        lines.append(f"| {n} | {r['script_start']:.2f} s | {r['imports_done']:.2f} s | {r['fit_called']:.2f} s | "
+                     f"{r['first_step']:.2f} s |")
+    return {str(k): v for k, v in results.items()}, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+
+
+def checkpoint(args, workloads: dict) -> tuple[dict, str]:
+    """CheckpointManager.save (safetensors weights, optimizer, RNG, trainer state, fsync, sha256 manifest,
+    atomic rename) vs a bare torch.save of the same model and optimizer state."""
+    from launcher.checkpoint import CheckpointManager, TrainerState
+    from launcher.models import build_model
+
+    results = {}
+    lines = ["### Checkpoint save (model + AdamW state)\n",
+             "| model | parameters | bare torch.save | torch.save + fsync | launcher CheckpointManager.save | "
+             "x bare |", "|---|---:|---:|---:|---:|---:|"]
+    repeats = 2 if args.smoke else 7
+    for model_name, shape in (("cnn", (3, 32, 32)), ("resnet", (3, 32, 32))):
+        torch.manual_seed(args.seed)
+        model = build_model(model_name, shape, 10)
+        opt = torch.optim.AdamW(model.parameters())
+        torch.nn.functional.cross_entropy(model(torch.randn(4, *shape)), torch.arange(4)).backward()
+        opt.step()  # the optimizer state exists, as it does in any real checkpoint
+        with tempfile.TemporaryDirectory() as tmp:
+            manager = CheckpointManager(Path(tmp) / "run", keep_last=2)
+            step = iter(range(1, 10**6))
+
+            def bare(fsync: bool):
+                def run():
+                    path = Path(tmp) / "bare.pt"
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+                    if fsync:
+                        fd = os.open(path, os.O_RDONLY)
+                        os.fsync(fd)
+                        os.close(fd)
+                return run
+
+            def managed():
+                state = TrainerState(global_step=next(step))
+                manager.save(state, model_state=model.state_dict(), optimizer=opt)
+                manager.rotate(protect=None)
+
+            res = _interleaved({"bare": bare(False), "bare_fsync": bare(True), "launcher": managed}, repeats,
+                               args.seed)
+        params = sum(p.numel() for p in model.parameters())
+        results[model_name] = {"parameters": params, **{k: v["wall_s"] for k, v in res.items()}}
+        r = results[model_name]
+        lines.append(f"| {model_name} | {params:,} | {r['bare'] * 1e3:.1f} ms | {r['bare_fsync'] * 1e3:.1f} ms | "
+                     f"{r['launcher'] * 1e3:.1f} ms | {r['launcher'] / r['bare']:.1f}x |")
+    return results, "\n".join(lines)
