@@ -62,9 +62,13 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: 
     - `use_seedable_sampler`: the shuffle order of epoch e is a function of (seed, e), which is what makes
       mid-epoch resume exact.
     - `step_scheduler_with_optimizer=False`: `fit` steps schedules once per optimizer step.
+    - `non_blocking`: batches are copied to the GPU asynchronously. A blocking copy synchronizes the host
+      with the GPU's stream on every batch, so the CPU could never run ahead of the GPU (pair it with
+      `pin_memory=True` in the DataLoader, as launcher.data.make_loader does when CUDA is available).
     """
     kwargs.setdefault("cpu", not (torch.cuda.is_available() or _has_other_accelerator()))
-    kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
+                                                                   non_blocking=True))
     return Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
 
 
