@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.loops import _lean_validate, clock
+from bench.loops import _lean_validate, _zeros, clock
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
@@ -46,106 +46,116 @@ def _interleaved(cases: dict, repeats: int, seed: int) -> dict:
 def eval(args, workloads: dict) -> tuple[dict, str]:  # noqa: A001 - the section's name
     """One validation pass: the lean loop's (on-device sums, one read) vs launcher.evaluate (exact confusion
     matrix, per-sample losses, one all-reduce when distributed)."""
-    from bench.loops import reset_accelerate_state
-    from launcher import evaluate, make_accelerator
-
-    results, lines = {}, ["### Validation alone (one pass over the validation split)\n",
-                          "| workload | pass | ms (CPU) | ms (wall) | x lean, same loader (CPU) |", "|---|---|---:|---:|---:|"]
+    results = {}
+    lines = ["### Validation alone (one pass over the validation split)\n",
+             "| workload | pass | ms (CPU) | ms (wall) | x lean, same loader (CPU) |", "|---|---|---:|---:|---:|"]
+    same = {"launcher evaluate, peers' loader": "lean, peers' loader",
+            "launcher evaluate, recipe loader": "lean, recipe loader"}
     for name, w in workloads.items():
-        reset_accelerate_state()
-        acc = make_accelerator(seed=args.seed)
-        model = acc.prepare_model(w.model(args.seed))
-        xv, yv = w.tensors()[2:]
-        bs = w.batch_size
-        tensor_batches = [(xv[i:i + bs], yv[i:i + bs]) for i in range(0, len(yv), bs)]
-        peer_val = w.peer_loaders(args.seed)[1]
-        recipe_val = w.recipe_loaders()[1]
-        prepared_peer, prepared_recipe = acc.prepare_data_loader(peer_val), acc.prepare_data_loader(recipe_val)
-        loss_fn = torch.nn.CrossEntropyLoss()
-
-        def lean(batches):
-            def run():
-                stats = torch.zeros(4, dtype=torch.float64)
-                _lean_validate(model, batches, None, stats)
-                stats.tolist()
-            return run
-
-        def launcher_eval(loader):
-            return lambda: evaluate(model, loader, loss_fn, num_classes=w.num_classes, accelerator=acc)
-
-        cases = {"lean, tensors": lean(tensor_batches), "lean, peers' loader": lean(peer_val),
-                 "launcher evaluate, peers' loader": launcher_eval(prepared_peer),
-                 "lean, recipe loader": lean(recipe_val),
-                 "launcher evaluate, recipe loader": launcher_eval(prepared_recipe)}
         repeats = 2 if args.smoke else {"mlp": 30, "cnn": 8}[name]
-        res = _interleaved(cases, repeats, args.seed)
-        same = {"launcher evaluate, peers' loader": "lean, peers' loader",
-                "launcher evaluate, recipe loader": "lean, recipe loader"}
+        res = _interleaved(_eval_cases(w, args.seed), repeats, args.seed)
         for case, r in res.items():
+            ratio = ""
             if case in same:
                 r["cpu_x_lean_same_loader"] = r["cpu_s"] / res[same[case]]["cpu_s"]
-            ratio = f"{r['cpu_x_lean_same_loader']:.3f}x" if case in same else ""
+                ratio = f"{r['cpu_x_lean_same_loader']:.3f}x"
             lines.append(f"| {name} | {case} | {r['cpu_s'] * 1e3:.2f} | {r['wall_s'] * 1e3:.2f} | {ratio} |")
         results[name] = {"repeats": repeats, "passes": res}
     return results, "\n".join(lines)
 
 
+def _eval_cases(w, seed: int) -> dict:
+    from bench.loops import reset_accelerate_state
+    from launcher import evaluate, make_accelerator
+
+    reset_accelerate_state()
+    acc = make_accelerator(seed=seed)
+    model = acc.prepare_model(w.model(seed))
+    xv, yv = w.tensors()[2:]
+    bs = w.batch_size
+    tensor_batches = [(xv[i:i + bs], yv[i:i + bs]) for i in range(0, len(yv), bs)]
+    peer_val, recipe_val = w.peer_loaders(seed)[1], w.recipe_loaders()[1]
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def lean(batches):
+        def run():
+            stats = _zeros("cpu")
+            _lean_validate(model, batches, None, stats)
+            torch.stack(stats).tolist()
+        return run
+
+    def launcher_eval(loader):
+        return lambda: evaluate(model, loader, loss_fn, num_classes=w.num_classes, accelerator=acc)
+
+    return {"lean, tensors": lean(tensor_batches), "lean, peers' loader": lean(peer_val),
+            "launcher evaluate, peers' loader": launcher_eval(acc.prepare_data_loader(peer_val)),
+            "lean, recipe loader": lean(recipe_val),
+            "launcher evaluate, recipe loader": launcher_eval(acc.prepare_data_loader(recipe_val))}
+
+
 # ------------------------------------------------------------------------------------------ loader
+
+SLICING = "slicing pre-made tensors (leanest loop)"
+WORKER = "recipe make_loader, 1 worker (wall only)"
 
 
 def loader(args, workloads: dict) -> tuple[dict, str]:
     """Samples/s of the loaders alone (one training epoch, nothing done with the batches)."""
-    from bench.loops import reset_accelerate_state
-    from launcher import make_accelerator
-    from launcher.data import make_loader
-
     results = {}
     lines = ["### Loaders alone (one shuffled training epoch, batches discarded)\n",
              "| workload | loader | samples/s (CPU) | samples/s (wall) | us/batch (CPU) | x slicing (CPU time) |",
              "|---|---|---:|---:|---:|---:|"]
     for name, w in workloads.items():
-        reset_accelerate_state()
-        acc = make_accelerator(seed=args.seed)
-        x, y = w.tensors()[:2]
-        n, bs = len(y), w.batch_size
-        generator = torch.Generator().manual_seed(args.seed)
-
-        def slicing():
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, bs):
-                idx = order[i:i + bs]
-                x[idx], y[idx]
-
-        def drain(loader):
-            def run():
-                for _ in loader:
-                    pass
-            return run
-
-        workers = make_loader(w.splits.train, bs, shuffle=True, num_workers=1)
-        cases = {
-            "slicing pre-made tensors (leanest loop)": slicing,
-            "peers' DataLoader (TensorDataset)": drain(w.peer_loaders(args.seed)[0]),
-            "peers' DataLoader, accelerate-prepared": drain(acc.prepare_data_loader(w.peer_loaders(args.seed)[0])),
-            "recipe make_loader (batched __getitems__)": drain(w.recipe_loaders()[0]),
-            "recipe make_loader, accelerate-prepared": drain(acc.prepare_data_loader(w.recipe_loaders()[0])),
-            "recipe make_loader, 1 worker (wall only)": drain(workers),
-        }
-        drain(workers)()  # start the persistent worker outside the timing
+        n, bs = len(w.splits.train), w.batch_size
+        cases = _loader_cases(w, args.seed)
+        cases[WORKER]()  # start the persistent worker outside the timing
         res = _interleaved(cases, 2 if args.smoke else {"mlp": 15, "cnn": 9}[name], args.seed)
-        del workers
+        del cases
         batches = -(-n // bs)
-        base = res["slicing pre-made tensors (leanest loop)"]["cpu_s"]
         for case, r in res.items():
             r.update(samples_per_s_cpu=n / r["cpu_s"], samples_per_s_wall=n / r["wall_s"],
-                     us_per_batch_cpu=r["cpu_s"] / batches * 1e6, cpu_x_slicing=r["cpu_s"] / base)
+                     us_per_batch_cpu=r["cpu_s"] / batches * 1e6, cpu_x_slicing=r["cpu_s"] / res[SLICING]["cpu_s"])
             cpu_cols = ["", "", ""]
-            if "worker" not in case:  # a worker's CPU time is not this process's
-                cpu_cols = [f"{r['samples_per_s_cpu']:,.0f}", f"{r['us_per_batch_cpu']:.1f}", f"{r['cpu_x_slicing']:.2f}x"]
+            if case != WORKER:  # a worker's CPU time is not this process's
+                cpu_cols = [f"{r['samples_per_s_cpu']:,.0f}", f"{r['us_per_batch_cpu']:.1f}",
+                            f"{r['cpu_x_slicing']:.2f}x"]
             lines.append(f"| {name} | {case} | {cpu_cols[0]} | {r['samples_per_s_wall']:,.0f} | {cpu_cols[1]} | "
                          f"{cpu_cols[2]} |")
         results[name] = {"samples": n, "batch_size": bs, "loaders": res}
     return results, "\n".join(lines)
+
+
+def _loader_cases(w, seed: int) -> dict:
+    from bench.loops import reset_accelerate_state
+    from launcher import make_accelerator
+    from launcher.data import make_loader
+
+    reset_accelerate_state()
+    acc = make_accelerator(seed=seed)
+    x, y = w.tensors()[:2]
+    n, bs = len(y), w.batch_size
+    generator = torch.Generator().manual_seed(seed)
+
+    def slicing():
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            x[idx], y[idx]
+
+    def drain(loader):
+        def run():
+            for _ in loader:
+                pass
+        return run
+
+    return {
+        SLICING: slicing,
+        "peers' DataLoader (TensorDataset)": drain(w.peer_loaders(seed)[0]),
+        "peers' DataLoader, accelerate-prepared": drain(acc.prepare_data_loader(w.peer_loaders(seed)[0])),
+        "recipe make_loader (batched __getitems__)": drain(w.recipe_loaders()[0]),
+        "recipe make_loader, accelerate-prepared": drain(acc.prepare_data_loader(w.recipe_loaders()[0])),
+        WORKER: drain(make_loader(w.splits.train, bs, shuffle=True, num_workers=1)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ scaling
@@ -174,7 +184,8 @@ def scaling(args, workloads: dict) -> tuple[dict, str]:
     """The CNN workload through fit and the recipe's data path in 1 and 2 gloo processes, and what each
     evaluation all-reduces (launcher) or gathers (accelerate's gather_for_metrics) at two dataset sizes."""
     epochs = 1 if args.smoke else 2
-    configs = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
+    # (processes, threads per process): 1x2 is the fair one-process baseline on 2 cores
+    configs = [(1, 1), (2, 1)] if args.smoke else [(1, 1), (1, 2), (2, 1)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for nproc, threads in configs:
@@ -206,11 +217,12 @@ def scaling(args, workloads: dict) -> tuple[dict, str]:
 def startup(args, workloads: dict) -> tuple[dict, str]:
     """`accelerate launch recipes/classify.py` until the first optimizer step has run (timestamps from
     bench/first_step.py, which runs the recipe unchanged)."""
-    runs = {1: [], 2: []}
+    procs = (1,) if args.smoke else (1, 2)
+    runs = {n: [] for n in procs}
     repeats = 1 if args.smoke else 2
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            for nproc in (1, 2):
+            for nproc in procs:
                 out = Path(tmp) / f"start-{nproc}-{r}.json"
                 launched = time.time()
                 _launch(ROOT / "bench" / "first_step.py",
@@ -234,44 +246,51 @@ def startup(args, workloads: dict) -> tuple[dict, str]:
 def checkpoint(args, workloads: dict) -> tuple[dict, str]:
     """CheckpointManager.save (safetensors weights, optimizer, RNG, trainer state, fsync, sha256 manifest,
     atomic rename) vs a bare torch.save of the same model and optimizer state."""
-    from launcher.checkpoint import CheckpointManager, TrainerState
-    from launcher.models import build_model
+    from launcher.models import MLP, build_model
 
+    shape = (3, 32, 32)
+    models = {"cnn": lambda: build_model("cnn", shape, 10), "resnet": lambda: build_model("resnet", shape, 10),
+              "mlp, 2048 hidden": lambda: MLP(shape, 10, hidden=2048)}
     results = {}
-    lines = ["### Checkpoint save (model + AdamW state)\n",
+    lines = ["### Checkpoint save (model + AdamW state, to the local disk)\n",
              "| model | parameters | bare torch.save | torch.save + fsync | launcher CheckpointManager.save | "
-             "x bare |", "|---|---:|---:|---:|---:|---:|"]
-    repeats = 2 if args.smoke else 7
-    for model_name, shape in (("cnn", (3, 32, 32)), ("resnet", (3, 32, 32))):
+             "x bare | x bare + fsync |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, build in models.items():
         torch.manual_seed(args.seed)
-        model = build_model(model_name, shape, 10)
-        opt = torch.optim.AdamW(model.parameters())
-        torch.nn.functional.cross_entropy(model(torch.randn(4, *shape)), torch.arange(4)).backward()
-        opt.step()  # the optimizer state exists, as it does in any real checkpoint
-        with tempfile.TemporaryDirectory() as tmp:
-            manager = CheckpointManager(Path(tmp) / "run", keep_last=2)
-            step = iter(range(1, 10**6))
-
-            def bare(fsync: bool):
-                def run():
-                    path = Path(tmp) / "bare.pt"
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
-                    if fsync:
-                        fd = os.open(path, os.O_RDONLY)
-                        os.fsync(fd)
-                        os.close(fd)
-                return run
-
-            def managed():
-                state = TrainerState(global_step=next(step))
-                manager.save(state, model_state=model.state_dict(), optimizer=opt)
-                manager.rotate(protect=None)
-
-            res = _interleaved({"bare": bare(False), "bare_fsync": bare(True), "launcher": managed}, repeats,
-                               args.seed)
+        model = build()
+        repeats = 2 if args.smoke else (3 if name.startswith("mlp") else 7)
+        res = _checkpoint_times(model, shape, repeats, args.seed)
         params = sum(p.numel() for p in model.parameters())
-        results[model_name] = {"parameters": params, **{k: v["wall_s"] for k, v in res.items()}}
-        r = results[model_name]
-        lines.append(f"| {model_name} | {params:,} | {r['bare'] * 1e3:.1f} ms | {r['bare_fsync'] * 1e3:.1f} ms | "
-                     f"{r['launcher'] * 1e3:.1f} ms | {r['launcher'] / r['bare']:.1f}x |")
+        r = results[name] = {"parameters": params, **res}
+        lines.append(f"| {name} | {params:,} | {r['bare'] * 1e3:.1f} ms | {r['bare_fsync'] * 1e3:.1f} ms | "
+                     f"{r['launcher'] * 1e3:.1f} ms | {r['launcher'] / r['bare']:.1f}x | "
+                     f"{r['launcher'] / r['bare_fsync']:.1f}x |")
     return results, "\n".join(lines)
+
+
+def _checkpoint_times(model: torch.nn.Module, shape: tuple, repeats: int, seed: int) -> dict:
+    from launcher.checkpoint import CheckpointManager, TrainerState
+
+    opt = torch.optim.AdamW(model.parameters())
+    torch.nn.functional.cross_entropy(model(torch.randn(4, *shape)), torch.arange(4)).backward()
+    opt.step()  # the optimizer state exists, as it does in any real checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = CheckpointManager(Path(tmp) / "run", keep_last=2)
+        steps = iter(range(1, 10**6))
+
+        def bare(fsync: bool):
+            def run():
+                path = Path(tmp) / "bare.pt"
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+                if fsync:
+                    fd = os.open(path, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+            return run
+
+        def managed():
+            manager.save(TrainerState(global_step=next(steps)), model_state=model.state_dict(), optimizer=opt)
+            manager.rotate(protect=None)
+
+        res = _interleaved({"bare": bare(False), "bare_fsync": bare(True), "launcher": managed}, repeats, seed)
+    return {k: v["wall_s"] for k, v in res.items()}

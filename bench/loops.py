@@ -49,6 +49,11 @@ def reset_accelerate_state() -> None:
 # ----------------------------------------------------------------------------------------------- lean
 
 
+def _zeros(device, n: int = 4) -> list[torch.Tensor]:
+    """On-device running sums: training loss, training correct, validation loss, validation correct."""
+    return [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
+
+
 def _lean_validate(model, batches, device, stats) -> None:
     """Validation of the lean loops: on-device sums, no host read."""
     model.eval()
@@ -60,8 +65,8 @@ def _lean_validate(model, batches, device, stats) -> None:
     model.train()
 
 
-def _lean_epoch_end(stats: torch.Tensor, n_train: int, n_val: int) -> dict:
-    loss, correct, val_loss, val_correct = stats.tolist()  # the one host read of the epoch
+def _lean_epoch_end(stats: list[torch.Tensor], n_train: int, n_val: int) -> dict:
+    loss, correct, val_loss, val_correct = torch.stack(stats).tolist()  # the one host read of the epoch
     return {"train_loss": loss / n_train, "train_accuracy": correct / n_train,
             "val_loss": val_loss / n_val, "val_accuracy": val_correct / n_val}
 
@@ -77,7 +82,7 @@ def lean_tensors(w: Workload, epochs: int, seed: int, device: torch.device) -> R
     val_batches = [(xv[i:i + bs], yv[i:i + bs]) for i in range(0, len(yv), bs)]
     run = Run()
     for _ in range(epochs):
-        stats = torch.zeros(4, dtype=torch.float64, device=device)
+        stats = _zeros(device)
         order = torch.randperm(n, generator=generator).to(device)
         model.train()
         for i in range(0, n, bs):
@@ -104,7 +109,7 @@ def lean_loader(w: Workload, epochs: int, seed: int, device: torch.device, loade
     n_train, n_val = len(train.dataset), len(val.dataset)
     run = Run()
     for _ in range(epochs):
-        stats = torch.zeros(4, dtype=torch.float64, device=device)
+        stats = _zeros(device)
         model.train()
         for xb, yb in train:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -235,7 +240,7 @@ def lightning_trainer(w: Workload, epochs: int, seed: int, device: torch.device)
         def __init__(self, model: torch.nn.Module):
             super().__init__()
             self.model = model
-            self.register_buffer("stats", torch.zeros(4, dtype=torch.float64), persistent=False)
+            self.stats = _zeros("cpu")
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -252,7 +257,7 @@ def lightning_trainer(w: Workload, epochs: int, seed: int, device: torch.device)
             self.stats[3].add_((out.argmax(1) == y).sum())
 
         def on_train_epoch_start(self):
-            self.stats.zero_()
+            self.stats = _zeros(self.device)
 
         def configure_optimizers(self):
             return w.optimizer(self.model)

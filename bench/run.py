@@ -1,6 +1,6 @@
 """Benchmark launcher's `fit` against the leanest hand-written loop and its peers, side by side.
 
-    python bench/run.py                     # everything, about 6-8 minutes on 2 CPU cores
+    python bench/run.py                     # everything: about 3 minutes on 2 idle CPU cores, 6 on busy ones
     python bench/run.py --sections loops --workloads mlp --repeats 3
     python bench/run.py --smoke             # seconds: tiny data, one repeat (what the smoke test runs)
     python bench/run.py --device cuda       # the loop comparison on a GPU (the other sections stay on CPU)
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn")
     p.add_argument("--variants", default=None, help="comma-separated loop names (default: all)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per loop (default: mlp 5, cnn 3)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per loop (default: mlp 10, cnn 4)")
     p.add_argument("--epochs", type=int, default=None, help="timed epochs per run, after one warm-up epoch "
                                                              "(default: mlp 3, cnn 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS) for every "
@@ -109,7 +109,7 @@ def run_loops(args: argparse.Namespace, workloads: dict, variants: list[str]) ->
     rng = random.Random(args.seed)
     results = {}
     for name, w in workloads.items():
-        repeats = args.repeats or (1 if args.smoke else {"mlp": 5, "cnn": 3}[name])
+        repeats = args.repeats or (1 if args.smoke else {"mlp": 10, "cnn": 4}[name])
         epochs = args.epochs or (1 if args.smoke else {"mlp": 3, "cnn": 2}[name])
         per = {v: {"wall": [], "cpu": [], "final": None} for v in variants}
         print(f"\n[{name}] {w.description}; {repeats} repeats x {len(variants)} loops x ({epochs} + 1 warm-up) "
