@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn")
     p.add_argument("--variants", default=None, help="comma-separated loop names (default: all)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per loop (default: mlp 10, cnn 4)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per loop (default: mlp 10, cnn 6)")
     p.add_argument("--epochs", type=int, default=None, help="timed epochs per run, after one warm-up epoch "
                                                              "(default: mlp 3, cnn 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS) for every "
@@ -109,7 +109,7 @@ def run_loops(args: argparse.Namespace, workloads: dict, variants: list[str]) ->
     rng = random.Random(args.seed)
     results = {}
     for name, w in workloads.items():
-        repeats = args.repeats or (1 if args.smoke else {"mlp": 10, "cnn": 4}[name])
+        repeats = args.repeats or (1 if args.smoke else {"mlp": 10, "cnn": 6}[name])
         epochs = args.epochs or (1 if args.smoke else {"mlp": 3, "cnn": 2}[name])
         per = {v: {"wall": [], "cpu": [], "final": None} for v in variants}
         print(f"\n[{name}] {w.description}; {repeats} repeats x {len(variants)} loops x ({epochs} + 1 warm-up) "
@@ -136,8 +136,9 @@ def summarize(per: dict) -> dict:
     med = {v: {k: statistics.median(d[k]) for k in ("wall", "cpu")} for v, d in per.items()}
     out = {}
     for v, d in per.items():
-        row = {"wall_s": med[v]["wall"], "cpu_s": med[v]["cpu"], "wall_all": d["wall"], "cpu_all": d["cpu"],
-               "final": d["final"]}
+        q1, _, q3 = statistics.quantiles(d["cpu"], n=4) if len(d["cpu"]) > 1 else (d["cpu"][0],) * 3
+        row = {"wall_s": med[v]["wall"], "cpu_s": med[v]["cpu"], "cpu_iqr_pct": (q3 - q1) / med[v]["cpu"] * 100,
+               "wall_all": d["wall"], "cpu_all": d["cpu"], "final": d["final"]}
         for base in ("lean_tensors", "lean_loader", "lean_recipe_loader"):
             if base in med:
                 row[f"cpu_x_{base}"] = med[v]["cpu"] / med[base]["cpu"]
@@ -153,14 +154,14 @@ def loops_table(results: dict) -> str:
     for name, res in results.items():
         lines += [f"\n**{name}**: {res['description']} ({res['train_samples']} train / {res['val_samples']} val; "
                   f"median of {res['repeats']} runs x {res['timed_epochs_per_run']} epochs)\n",
-                  "| loop | epoch s (CPU) | epoch s (wall) | x lean loop, same loader (CPU) | "
+                  "| loop | epoch s (CPU) | spread (IQR) | epoch s (wall) | x lean loop, same loader (CPU) | "
                   "x leanest loop, tensors (CPU) | x leanest (wall) | val acc |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for v, row in res["variants"].items():
             same = "lean_recipe_loader" if v in ("launcher_recipe", "lean_recipe_loader") else "lean_loader"
             same_x = row.get(f"cpu_x_{same}")
             lines.append(
-                f"| {v}: {VARIANTS[v][1]} | {row['cpu_s']:.3f} | {row['wall_s']:.3f} | "
+                f"| {v}: {VARIANTS[v][1]} | {row['cpu_s']:.3f} | {row['cpu_iqr_pct']:.0f}% | {row['wall_s']:.3f} | "
                 f"{_x(same_x) if v not in ('lean_tensors',) else ''} | {_x(row.get('cpu_x_lean_tensors'))} | "
                 f"{_x(row.get('wall_x_lean_tensors'))} | {row['final'].get('val_accuracy', float('nan')):.3f} |")
     return "\n".join(lines)
