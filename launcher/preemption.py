@@ -24,13 +24,17 @@ class PreemptionWatch:
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
-        self._group = None
+        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._group = None  # None: the default group
+        self._own_group = False
         self._pending = None
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._agreed = False
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._distributed and dist.get_backend() != "gloo":
             # Every rank creates the group in the same order (collective), so this stays in __init__.
-            self._group = dist.new_group(backend="gloo")
+            self._group, self._own_group = dist.new_group(backend="gloo"), True
+        # A CPU run's default group is gloo already; a second gloo group would bring its own threads and
+        # sockets, which cost ~0.4 ms per step on a 2-core machine (bench/RESULTS.md).
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         # Nothing else here: no I/O, no locks, no collectives (a second signal just lands here again).
@@ -40,7 +44,7 @@ class PreemptionWatch:
         """Called by every rank at every step boundary; the same answer on every rank."""
         if self._agreed:
             return True
-        if self._group is None:
+        if not self._distributed:
             self._agreed = self.received is not None
             return self._agreed
         if self._pending is not None:
@@ -59,6 +63,6 @@ class PreemptionWatch:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
-        if self._group is not None:
+        if self._own_group:
             dist.destroy_process_group(self._group)
-            self._group = None
+            self._group, self._own_group = None, False
