@@ -1,6 +1,6 @@
 """One process of the scaling benchmark (run by `accelerate launch` from bench/extras.py).
 
-Trains the CNN workload with `fit` over the recipe's data path, then counts what evaluations send into
+Trains a workload (default: the CNN) with `fit` over the recipe's data path, then counts what evaluations send into
 collectives: launcher.evaluate (one all-reduce of the confusion matrix and loss sum) against the
 `gather_for_metrics` loop of accelerate's examples, each on the validation split and on that split
 repeated four times. Rank 0 writes the results as JSON to --out.
@@ -25,6 +25,7 @@ from bench.loops import Run, _EpochClockTracker, _quiet  # noqa: E402
 from bench.workloads import build_workloads  # noqa: E402
 from launcher import evaluate, fit, make_accelerator  # noqa: E402
 from launcher.data import TensorBatchedDataset, make_loader  # noqa: E402
+from launcher.preemption import PreemptionWatch  # noqa: E402
 
 COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "all_gather_object",
            "gather_object", "broadcast_object_list", "reduce", "gather")
@@ -75,14 +76,19 @@ def gather_for_metrics_eval(accelerator, model, loader) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--workload", default="cnn", choices=("mlp", "cnn"))
+    p.add_argument("--no-preemption-vote", action="store_true",
+                   help="stub PreemptionWatch.should_stop out (a reference for what the vote costs)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cnn-samples", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_preemption_vote:
+        PreemptionWatch.should_stop = lambda self: False
     accelerator = make_accelerator(seed=args.seed)
-    w = build_workloads(["cnn"], cnn_samples=args.cnn_samples, seed=args.seed)["cnn"]
+    w = build_workloads([args.workload], cnn_samples=args.cnn_samples, seed=args.seed)[args.workload]
     model, run = w.model(args.seed), Run()
     train_loader, val_loader = w.recipe_loaders()
     with _quiet(), count_collectives() as during_fit:
@@ -96,7 +102,7 @@ def main() -> None:
     collectives = {"fit": {"what": "the preemption vote (4 bytes per step) and one metrics all-reduce per "
                                    "training epoch and per validation", "steps": steps, **during_fit}}
     for repeat in (1, 4):
-        val = TensorBatchedDataset(xv.repeat(repeat, 1, 1, 1), yv.repeat(repeat))
+        val = TensorBatchedDataset(xv.repeat(repeat, *([1] * (xv.dim() - 1))), yv.repeat(repeat))
         loader = accelerator.prepare_data_loader(make_loader(val, w.batch_size, shuffle=False))
         with count_collectives() as counts:
             evaluate(model, loader, torch.nn.CrossEntropyLoss(), num_classes=w.num_classes, accelerator=accelerator)

@@ -181,26 +181,34 @@ def _launch(script: Path, script_args: list[str], nproc: int, threads: int, time
 
 
 def scaling(args, workloads: dict) -> tuple[dict, str]:
-    """The CNN workload through fit and the recipe's data path in 1 and 2 gloo processes, and what each
-    evaluation all-reduces (launcher) or gathers (accelerate's gather_for_metrics) at two dataset sizes."""
+    """fit over the recipe's data path in 1 and 2 gloo processes (the CNN workload, and the MLP one where
+    per-step costs show), and what each evaluation all-reduces (launcher) or gathers (accelerate's
+    gather_for_metrics) at two validation sizes."""
     epochs = 1 if args.smoke else 2
-    # (processes, threads per process): 1x2 is the fair one-process baseline on 2 cores
-    configs = [(1, 1), (2, 1)] if args.smoke else [(1, 1), (1, 2), (2, 1)]
-    results = {}
+    # (workload, processes, threads per process, extra flags); 1x2 is the fair one-process baseline on 2 cores
+    configs = [("cnn", 1, 1, ()), ("cnn", 2, 1, ())]
+    if not args.smoke:
+        configs[1:1] = [("cnn", 1, 2, ())]
+        configs += [("mlp", 1, 1, ()), ("mlp", 2, 1, ()), ("mlp", 2, 1, ("--no-preemption-vote",))]
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for nproc, threads in configs:
-            out = Path(tmp) / f"scaling-{nproc}x{threads}.json"
+        for workload, nproc, threads, flags in configs:
+            key = f"{nproc}x{threads}" + (", vote stubbed out" if flags else "")
+            out = Path(tmp) / "scaling.json"
             _launch(ROOT / "bench" / "dist_worker.py",
-                    ["--out", str(out), "--epochs", str(epochs + 1), "--cnn-samples", str(args.cnn_samples),
-                     "--seed", str(args.seed), "--threads", str(threads)], nproc, threads)
-            results[f"{nproc}x{threads}"] = json.loads(out.read_text())
-    base = results["1x1"]["samples_per_s"]
-    lines = ["### Scaling: CNN workload, fit + recipe data path, gloo (batch 64 per process)\n",
-             "| processes x threads | train samples/s | speed-up vs 1x1 | epoch s (wall) |", "|---|---:|---:|---:|"]
-    for key, r in results.items():
-        lines.append(f"| {key} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / base:.2f}x | {r['epoch_s']:.2f} |")
-    two = results["2x1"]["collectives"]
-    lines += ["\nCollectives per evaluation with 2 processes (bytes sent into collectives by rank 0):\n",
+                    ["--out", str(out), "--workload", workload, "--epochs", str(epochs + 1),
+                     "--cnn-samples", str(args.cnn_samples), "--seed", str(args.seed), "--threads", str(threads),
+                     *flags], nproc, threads)
+            results.setdefault(workload, {})[key] = json.loads(out.read_text())
+    lines = ["### Scaling: fit + recipe data path over gloo (batch per process: MLP 32, CNN 64)\n",
+             "| workload | processes x threads | train samples/s | speed-up vs 1x1 | epoch s (wall) |",
+             "|---|---|---:|---:|---:|"]
+    for workload, rows in results.items():
+        for key, r in rows.items():
+            lines.append(f"| {workload} | {key} | {r['samples_per_s']:.0f} | "
+                         f"{r['samples_per_s'] / rows['1x1']['samples_per_s']:.2f}x | {r['epoch_s']:.3f} |")
+    two = results["cnn"]["2x1"]["collectives"]
+    lines += ["\nCollectives per evaluation with 2 processes (CNN workload; bytes rank 0 sends into them):\n",
               "| evaluation | val samples | calls | bytes |", "|---|---:|---:|---:|"]
     for key, r in two.items():
         if key.startswith("eval"):

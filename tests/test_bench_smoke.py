@@ -33,8 +33,8 @@ def test_bench_smoke_run_reports_every_loop_and_section(tmp_path):
             assert row["cpu_s"] > 0 and row["wall_s"] > 0, name
             assert 0.0 <= row["final"]["val_accuracy"] <= 1.0, name  # every loop trained and validated
     scaling = results["sections"]["scaling"]
-    assert scaling["2x1"]["processes"] == 2
-    evals = scaling["2x1"]["collectives"]
+    assert scaling["cnn"]["2x1"]["processes"] == 2
+    evals = scaling["cnn"]["2x1"]["collectives"]
     # launcher's evaluation all-reduces the same few bytes whatever the validation set's size
     assert evals["eval_launcher_1"]["bytes"] == evals["eval_launcher_4"]["bytes"] > 0
     assert results["sections"]["startup"]["1"]["first_step"] > 0
