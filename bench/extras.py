@@ -302,3 +302,98 @@ def _checkpoint_times(model: torch.nn.Module, shape: tuple, repeats: int, seed: 
 
         res = _interleaved({"bare": bare(False), "bare_fsync": bare(True), "launcher": managed}, repeats, seed)
     return {k: v["wall_s"] for k, v in res.items()}
+
+
+# ------------------------------------------------------------------------------------------ overhead
+
+
+def overhead(args, workloads: dict) -> tuple[dict, str]:
+    """Where fit's per-step time goes beyond the lean loop: a linear model on the MLP workload's data (so the
+    model costs little and the loop's own work shows), the lean loop made step by step more like fit."""
+    w = workloads.get("mlp")
+    if w is None:
+        return {}, ""
+    steps = 2 * -(-len(w.splits.train) // w.batch_size)  # each run trains two epochs
+    cases = {name: _overhead_case(w, level, args.seed) for level, name in enumerate(OVERHEAD_STEPS)}
+    res = _interleaved(cases, 2 if args.smoke else 12, args.seed)
+    lines = ["### Per-step overhead: a linear model on the MLP data, the lean loop turned into fit step by step\n",
+             f"CPU time per training step (two epochs, {steps} steps; every variant also validates one batch per "
+             "epoch).\n",
+             "| loop | us per step | added by this row |", "|---|---:|---:|"]
+    previous = None
+    for name, r in res.items():
+        r["us_per_step"] = r["cpu_s"] / steps * 1e6
+        added = "" if previous is None else f"{r['us_per_step'] - previous:+.1f}"
+        lines.append(f"| {name} | {r['us_per_step']:.1f} | {added} |")
+        previous = r["us_per_step"]
+    return res, "\n".join(lines)
+
+
+OVERHEAD_STEPS = (
+    "lean loop, recipe loader",
+    "+ Accelerate's prepared loader (DataLoaderShard)",
+    "+ per-sample losses through the loss module, mean-gradient backward",
+    "+ ConfusionStats.update instead of two running sums",
+    "launcher fit (progress bar, preemption vote, bookkeeping, per-epoch work)",
+)
+
+
+def _overhead_case(w, level: int, seed: int):
+    import torch.nn.functional as F
+
+    from bench.loops import _EpochClockTracker, _quiet, Run, reset_accelerate_state
+    from launcher import fit, make_accelerator
+    from launcher.loop import _mean_backward, per_sample_loss_fn
+    from launcher.metrics import ConfusionStats
+    from launcher.data import TensorBatchedDataset, make_loader
+
+    x, y = w.tensors()[:2]
+    one_batch = TensorBatchedDataset(x[:w.batch_size], y[:w.batch_size])
+
+    def model_and_loaders():
+        reset_accelerate_state()
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), w.num_classes))
+        return (model, w.optimizer(model), make_loader(w.splits.train, w.batch_size, shuffle=True),
+                make_loader(one_batch, w.batch_size, shuffle=False))
+
+    def run_fit():
+        model, opt, train, val = model_and_loaders()
+        run = Run()
+        with _quiet():
+            fit(model, opt, train, val, torch.nn.CrossEntropyLoss(), epochs=2, num_classes=w.num_classes,
+                accelerator=make_accelerator(seed=seed), seed=seed, tracker=_EpochClockTracker(run))
+
+    def run_lean():
+        model, opt, train, val = model_and_loaders()
+        if level >= 1:
+            acc = make_accelerator(seed=seed)
+            model, opt, train, val = acc.prepare(model, opt, train, val)
+            opt = opt.optimizer
+        per_sample, backward = per_sample_loss_fn(torch.nn.CrossEntropyLoss()), _mean_backward()
+        for _ in range(2):  # the first epoch warms up; the timing covers both, as for fit
+            sums, stats = _zeros("cpu", 2), ConfusionStats(w.num_classes, torch.device("cpu"))
+            model.train()
+            for xb, yb in train:
+                out = model(xb)
+                if level >= 2:
+                    losses = per_sample(out, yb)
+                    backward(losses)
+                else:
+                    loss = F.cross_entropy(out, yb)
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if level >= 3:
+                    stats.update(losses.float(), out, yb)
+                else:
+                    if level >= 2:
+                        sums[0].add_(losses.detach().sum())
+                    else:
+                        sums[0].add_(loss.detach(), alpha=len(yb))
+                    sums[1].add_((out.argmax(1) == yb).sum())
+            stats.reduce()
+            _lean_validate(model, val, None, _zeros("cpu"))
+            torch.stack(sums).tolist()
+
+    return run_fit if level == len(OVERHEAD_STEPS) - 1 else run_lean

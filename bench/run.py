@@ -12,9 +12,10 @@ An epoch is timed from the end of the previous epoch's validation to the end of 
 every run is a warm-up and is dropped), on the wall clock and on this process's CPU clock. On a shared
 machine the CPU clock is the steadier one: it does not count time other processes held our core.
 
-Sections: loops (the main table), eval (validation alone), loader (samples/s of the loaders alone),
-scaling (1 vs 2 gloo processes, bytes all-reduced per evaluation), startup (accelerate launch to the first
-training step), checkpoint (CheckpointManager.save vs torch.save). Results go to --out as JSON; the tables
+Sections: loops (the main table), overhead (fit's per-step cost, added step by step), eval (validation
+alone), loader (samples/s of the loaders alone), scaling (1 vs 2 gloo processes, bytes all-reduced per
+evaluation), startup (accelerate launch to the first training step), checkpoint (CheckpointManager.save vs
+torch.save). Results go to --out as JSON; the tables
 are printed as Markdown (bench/RESULTS.md records a full run).
 """
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/run.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("loops", "eval", "loader", "scaling", "startup", "checkpoint")
+SECTIONS = ("loops", "overhead", "eval", "loader", "scaling", "startup", "checkpoint")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if "loops" in sections:
         out["sections"]["loops"] = run_loops(args, workloads, variants)
         tables.append("### Epoch time (train + validation)\n" + loops_table(out["sections"]["loops"]))
-    for section in ("eval", "loader", "scaling", "startup", "checkpoint"):
+    for section in SECTIONS[1:]:
         if section in sections:
             print(f"\n[{section}]", flush=True)
             result, table = getattr(extras, section)(args, workloads)
