@@ -117,12 +117,18 @@ class SubmitOptions:
 
 
 def default_accelerate_config(nodes: int, gpus_per_node: int, procs_per_node: int) -> str:
-    """Name of the config in accelerate_configs/ for this topology (topology flags are passed anyway)."""
+    """Name of the config in accelerate_configs/ for this topology.
+
+    The job passes the topology (machines, processes, rank, rendezvous) on the command line, which wins
+    over the file; the file contributes the rest (mixed precision, dynamo, ...). CPU jobs get the CPU
+    configs even across nodes: the GPU ones may ask for bf16/fp16.
+    """
+    total = nodes * procs_per_node
+    if gpus_per_node == 0:
+        return "cpu_ddp.yaml" if total > 1 else "cpu.yaml"
     if nodes > 1:
         return "multi_node.yaml"
-    if gpus_per_node == 0:
-        return "cpu_ddp.yaml" if procs_per_node > 1 else "cpu.yaml"
-    return "multi_gpu.yaml" if procs_per_node > 1 else "single_gpu.yaml"
+    return "multi_gpu.yaml" if total > 1 else "single_gpu.yaml"
 
 
 def default_setup(prefix: str, base_prefix: str, executable: str) -> tuple[str, ...]:
@@ -531,9 +537,11 @@ def _accelerate_command(o: SubmitOptions) -> str:
     parts = ["accelerate launch"]
     if o.accelerate_config:
         parts.append(f"--config_file {shlex.quote(o.accelerate_config)}")
-    if o.num_processes > 1:
-        parts.append("--multi_gpu")  # torchrun; with ACCELERATE_USE_CPU the processes use gloo
-    elif o.gpus_per_node == 0:
+    if o.num_processes > 1 and (o.gpus_per_node == 0 or not o.accelerate_config):
+        # torchrun; with ACCELERATE_USE_CPU the processes use gloo. With a config file on GPU nodes the
+        # file's distributed_type decides instead (--multi_gpu would silently override FSDP/DeepSpeed).
+        parts.append("--multi_gpu")
+    elif o.num_processes == 1 and o.gpus_per_node == 0:
         parts.append("--cpu")
     parts += [
         f"--num_machines {o.nodes}",
