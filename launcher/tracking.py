@@ -31,3 +31,9 @@ class NullTracker:
 
     def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
         pass
+
+
+def start_tracker(config: Any, *, accelerator: Any, output_dir: Any, run_info: dict,
+                  resume_run_id: str | None) -> Tracker:
+    """Placeholder until the W&B tracker lands: local logging only."""
+    return NullTracker()
