@@ -46,6 +46,8 @@ OWNED_SCRIPT_FLAGS = ("--output-dir", "--resume")
 # The sweep name goes to W&B as the group, so runs of one sweep line up.
 SWEEP_GROUP_FLAG = "--wandb-group"
 PORT_BASE, PORT_SPAN = 20000, 20000
+# After a USR1, the batch shell signals the training again at this interval until it has stopped.
+USR1_RESEND_SECONDS = 5
 
 
 def _opt(default: Any, help: str, metavar: str | None = None) -> Any:
@@ -399,13 +401,16 @@ NODE
 )
 
 # --- preemption: SLURM sends USR1 to this shell {{GRACE}} s before the time limit (--signal above) ---
-forwarded=0
+forwarded=0 resender=
 forward_usr1() {
     [ "$forwarded" = 1 ] && return
     forwarded=1
     echo "launcher: USR1 received; asking the training processes to save a checkpoint and stop"
-    # Without --full or --batch, scancel signals the job steps (the training), not this shell.
-    scancel --signal=USR1 "$SLURM_JOB_ID"
+    # Without --full or --batch, scancel signals the job steps (the training), not this shell. Sent again
+    # every {{RESEND}} s until the training has stopped: a process still starting up (not yet listening for
+    # USR1, so ignoring it) gets it later; for the others a second USR1 changes nothing.
+    ( while :; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep {{RESEND}}; done ) &
+    resender=$!
 }
 trap forward_usr1 USR1
 # SIGTERM (scancel, the hard time limit) reaches the training processes directly: wait for them.
@@ -426,6 +431,7 @@ if [ "$status" -gt 128 ]; then
     late=$?
     [ "$late" != 127 ] && status=$late
 fi
+if [ -n "$resender" ]; then kill "$resender" 2>/dev/null; fi
 
 # --- requeue after USR1 (the warning before the time limit, or `scancel --signal=USR1`) ---
 stopped_by=$(cat "$LAUNCHER_STOPPED_BY" 2>/dev/null)
@@ -524,6 +530,7 @@ def render_sbatch(options: SubmitOptions) -> str:
         "RANKS": ("process rank $SLURM_NODEID" if procs == 1 else
                   f"process ranks $((SLURM_NODEID * {procs}))-$((SLURM_NODEID * {procs} + {procs - 1}))"),
         "GRACE": str(o.signal_grace),
+        "RESEND": str(USR1_RESEND_SECONDS),
         "NODES": str(o.nodes),
         "CPUS": str(cpus),
         "MAX_REQUEUES": str(o.max_requeues),
