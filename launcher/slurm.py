@@ -384,7 +384,8 @@ trap "usr1=1" USR1
 trap "term=1" TERM
 # The launcher agent (torchrun inside accelerate) must survive USR1, which kills a Python process by
 # default; the training processes install their own handler (they checkpoint and exit with 75).
-( trap "" USR1; exec {{ACCELERATE}} "$@" )
+( trap "" USR1; exec {{ACCELERATE}} \
+    "$@" )
 status=$?
 if [ "$status" != 0 ] && [ $((usr1 + term)) != 0 ]; then
     signal=$([ "$usr1" = 1 ] && echo USR1 || echo TERM)
@@ -550,14 +551,12 @@ def _accelerate_command(o: SubmitOptions) -> str:
         parts.append("--multi_gpu")
     elif o.num_processes == 1 and o.gpus_per_node == 0:
         parts.append("--cpu")
-    parts += [
-        f"--num_machines {o.nodes}",
-        f"--num_processes {o.num_processes}",
-        '--machine_rank "$SLURM_NODEID"',
-        '--main_process_ip "$LAUNCHER_MAIN_HOST"',
-        '--main_process_port "$LAUNCHER_MAIN_PORT"',
-    ]
-    return " ".join(parts)
+    # One option group per line, continued with backslashes, so the README can point at each.
+    return " \\\n    ".join([
+        " ".join(parts),
+        f'--num_machines {o.nodes} --num_processes {o.num_processes} --machine_rank "$SLURM_NODEID"',
+        '--main_process_ip "$LAUNCHER_MAIN_HOST" --main_process_port "$LAUNCHER_MAIN_PORT"',
+    ])
 
 
 def _compress(numbers: list[int]) -> str:

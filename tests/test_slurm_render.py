@@ -76,8 +76,10 @@ def test_rendering_is_pure() -> None:
 
 def test_topology_reaches_accelerate_launch() -> None:
     text = render(["--nodes", "3", "--gpus-per-node", "4", "--", "train.py"])  # no config: --multi_gpu
-    assert ("accelerate launch --multi_gpu --num_machines 3 --num_processes 12 --machine_rank \"$SLURM_NODEID\" "
-            "--main_process_ip \"$LAUNCHER_MAIN_HOST\" --main_process_port \"$LAUNCHER_MAIN_PORT\" \"$@\"") in text
+    assert ('exec accelerate launch --multi_gpu \\\n'
+            '    --num_machines 3 --num_processes 12 --machine_rank "$SLURM_NODEID" \\\n'
+            '    --main_process_ip "$LAUNCHER_MAIN_HOST" --main_process_port "$LAUNCHER_MAIN_PORT" \\\n'
+            '    "$@" )\n') in text
     assert "#SBATCH --gpus-per-node=4" in text
     assert "ACCELERATE_USE_CPU" not in text  # GPU nodes use NCCL
     # The machine rank is expanded by each node's own shell, never by the batch shell: the node program
@@ -85,15 +87,15 @@ def test_topology_reaches_accelerate_launch() -> None:
     assert "NODE_PROGRAM=$(cat <<'NODE'" in text
     # With a config file on GPU nodes, its distributed_type (here FSDP) decides: no --multi_gpu.
     fsdp = render(["--nodes", "2", "--gpus-per-node", "8", "--accelerate-config", "fsdp.yaml", "--", "t.py"])
-    assert f"accelerate launch --config_file {CWD}/fsdp.yaml --num_machines 2 --num_processes 16 " in fsdp
+    assert f"accelerate launch --config_file {CWD}/fsdp.yaml \\\n    --num_machines 2 --num_processes 16 " in fsdp
 
 
 def test_cpu_nodes_use_gloo_and_one_process_per_node() -> None:
     text = render(["--nodes", "2", "--", "train.py"])
     assert "export ACCELERATE_USE_CPU=true" in text
-    assert "--multi_gpu --num_machines 2 --num_processes 2" in text
+    assert "accelerate launch --multi_gpu \\\n    --num_machines 2 --num_processes 2 " in text
     single = render(["--nodes", "1", "--", "train.py"])
-    assert "accelerate launch --cpu --num_machines 1 --num_processes 1" in single
+    assert "accelerate launch --cpu \\\n    --num_machines 1 --num_processes 1 " in single
 
 
 def test_default_accelerate_config_follows_topology(tmp_path: Path) -> None:
