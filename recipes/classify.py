@@ -101,7 +101,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 
 
 def train(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, description=__doc__.split("\n")[0])
+    config = parse_config(argv, description=__doc__)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     output_dir = setup_output_dir(config, accelerator)
     checkpoint = resolve_resume(config.resume, output_dir)
