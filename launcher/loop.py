@@ -358,7 +358,7 @@ def _train_epoch(run: _Run, train_loader: Any, epoch: int, epochs: int, watch: P
         if state.global_step % run.log_every == 0:
             _log_train(run, stats, clock, epoch + state.batches_done / total_batches, bar)
         if state.batches_done == total_batches:
-            break  # the epoch-end checkpoint, after validation, covers this boundary
+            continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
         if watch.should_stop():
             clock.snapshot(stats)
             bar.close()
