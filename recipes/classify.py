@@ -101,7 +101,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 
 
 def train(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, description=__doc__.split("\n")[0])
+    config = parse_config(argv, description=__doc__)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     output_dir = setup_output_dir(config, accelerator)
     checkpoint = resolve_resume(config.resume, output_dir)
@@ -138,14 +138,17 @@ def train(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         train(argv)
-    except UsageError as err:
+        code = 0
+    except UsageError as err:  # raised alike on every rank: the checks are deterministic
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"classify.py: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # a clean exit for torchrun's barrier
-    return 0
+        code = EXIT_USAGE
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave together: a rank that tears its group down while a peer is still writing files can take the
+        # peer's connection down with it, and torchrun's exit barrier wants every node to finish cleanly.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
