@@ -603,25 +603,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render an sbatch script that runs SCRIPT with accelerate launch on every node, and "
                     "submit it.",
     )
-    fields = {f.name: f for f in dataclasses.fields(SubmitOptions)}
-
-    def add(name: str, **kwargs: Any) -> None:
-        f = fields[name]
-        default = f.default
-        shown = "" if name in ("dry_run",) else f" (default: {default})" if default not in (None, ()) else ""
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-                            help=f.metadata["help"] + shown, metavar=f.metadata["metavar"], **kwargs)
-
-    for name in ("nodes", "gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace", "max_requeues"):
-        add(name, type=_int("--" + name.replace("_", "-")))
-    for name in ("mem", "time", "partition", "account", "qos", "constraint", "job_name", "output_dir",
-                 "log_dir", "workdir", "accelerate_config", "array"):
-        add(name)
-    add("setup", action="append")
-    add("env", action="append")
-    add("sweep", action="append")
-    parser.add_argument("--dry-run", dest="dry_run", action="store_true", default=argparse.SUPPRESS,
-                        help=fields["dry_run"].metadata["help"])
+    ints = {"nodes", "gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace", "max_requeues"}
+    repeatable = {"setup", "env", "sweep"}
+    for f in dataclasses.fields(SubmitOptions):  # in the dataclass's order, with its help and defaults
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("script", "script_args"):
+            continue
+        if f.name == "dry_run":
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+            continue
+        shown = f" (default: {f.default})" if f.default not in (None, ()) else ""
+        kwargs: dict[str, Any] = {"type": _int(flag)} if f.name in ints else {}
+        if f.name in repeatable:
+            kwargs["action"] = "append"
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + shown,
+                            metavar=f.metadata["metavar"], **kwargs)
     return parser
 
 
