@@ -91,6 +91,7 @@ start_munge() {
     install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
     [ -s /etc/munge/munge.key ] || runuser -u munge -- mungekey --create
     runuser -u munge -- /usr/sbin/munged
+    touch "$STATE/started-munged"  # so that `stop` stops it again (and only then)
     for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return
         sleep 0.1
@@ -160,6 +161,9 @@ stop() {
         scancel --user=root 2>/dev/null || true
     fi
     stop_daemons
+    if [ -e "$STATE/started-munged" ] && pid_alive /run/munge/munged.pid; then
+        kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+    fi
     if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$CONF" ]; then
         rm -f /etc/slurm/slurm.conf
     fi
