@@ -673,6 +673,12 @@ def submit_main(argv: Sequence[str]) -> int:
     if options.dry_run:
         sys.stdout.write(script)
         return 0
+    # Checked before queueing, not hours later on the nodes (a dry run may render for another machine).
+    if not (Path(options.workdir) / options.script).is_file():
+        raise UsageError(f"training script {options.script} not found in {options.workdir}; check the path "
+                         "after `--` (relative paths start from --workdir, default: the current directory)")
+    if options.accelerate_config and not Path(options.accelerate_config).is_file():
+        raise UsageError(f"accelerate config {options.accelerate_config} not found; check --accelerate-config")
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UsageError("sbatch not found: run launcher submit on a SLURM login node (or use --dry-run to "

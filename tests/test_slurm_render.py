@@ -232,9 +232,23 @@ def test_dry_run_prints_the_script_and_creates_nothing(tmp_path: Path, capsys: p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_missing_script_or_config_is_caught_before_submitting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["submit", "--", "trian.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launcher submit: error: training script trian.py not found in {tmp_path}")
+    (tmp_path / "train.py").write_text("")
+    assert cli_main(["submit", "--accelerate-config", "nope.yaml", "--", "train.py"]) == 2
+    assert capsys.readouterr().err == f"launcher submit: error: accelerate config {tmp_path}/nope.yaml not found; " \
+                                      "check --accelerate-config\n"
+    assert list(tmp_path.iterdir()) == [tmp_path / "train.py"]  # nothing written
+
+
 def test_missing_sbatch_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     assert cli_main(["submit", "--", "train.py"]) == 2
     err = capsys.readouterr().err
@@ -252,6 +266,7 @@ def test_submit_saves_the_script_next_to_the_logs(tmp_path: Path, capsys: pytest
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("")
     assert cli_main(["submit", "--nodes", "2", "--output-dir", "out", "--", "train.py"]) == 0
     out = capsys.readouterr().out
     saved = tmp_path / "out" / "slurm" / "train-4242.sbatch"
@@ -263,7 +278,7 @@ def test_submit_saves_the_script_next_to_the_logs(tmp_path: Path, capsys: pytest
     ]
     assert saved.read_text() == (fake.parent / "script").read_text()
     assert (fake.parent / "args").read_text().startswith("--parsable ")
-    assert sorted(p.name for p in saved.parent.iterdir()) == ["train-4242.sbatch"]
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["train-4242.sbatch"]  # no leftover temp file
 
 
 def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
