@@ -1,0 +1,97 @@
+"""Exact classification metrics from sufficient statistics.
+
+Each process accumulates, on its own device, a confusion matrix, the sum of per-sample losses and nothing
+else (the sample count is the matrix's total). One all-reduce per evaluation adds them up, so the numbers
+are identical whatever the number of processes and the batch size: no mean of batch means, no sample
+counted twice when the sampler pads the last batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    loss: float
+    accuracy: float
+    precision: float  # macro averages, see compute_metrics
+    recall: float
+    f1: float
+    samples: int
+    confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+
+    def as_row(self, prefix: str) -> dict:
+        return {f"{prefix}_loss": self.loss, f"{prefix}_accuracy": self.accuracy,
+                f"{prefix}_precision": self.precision, f"{prefix}_recall": self.recall,
+                f"{prefix}_f1": self.f1, f"{prefix}_samples": self.samples,
+                f"{prefix}_confusion_matrix": self.confusion_matrix}
+
+
+class ConfusionStats:
+    """Running per-process statistics; `update` never reads a value back to the host.
+
+    Everything lives in one float64 buffer: the C*C confusion counts (exact in float64 up to 2**53) and
+    the loss sum, so one all-reduce moves all of it. float64 also keeps the loss sum independent of the
+    summation order (world size, batch size) to far below 1e-6.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.buffer = torch.zeros(num_classes * num_classes + 1, dtype=dtype, device=device)
+
+    def update(self, per_sample_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+               valid: int | None = None) -> None:
+        """Add a batch. `valid` keeps only the first `valid` samples (the rest pad the last batch)."""
+        if valid is not None and valid < targets.shape[0]:
+            per_sample_loss, logits, targets = per_sample_loss[:valid], logits[:valid], targets[:valid]
+        c = self.num_classes
+        pairs = targets.detach().long() * c + logits.detach().argmax(dim=-1)
+        # index_add_ rather than bincount: bincount on CUDA reads the max back to the host (a sync).
+        self.buffer[: c * c].index_add_(0, pairs, torch.ones_like(pairs, dtype=self.buffer.dtype))
+        self.buffer[-1] += per_sample_loss.detach().sum(dtype=self.buffer.dtype)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.cpu().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.copy_(torch.tensor(state["buffer"], dtype=self.buffer.dtype))
+
+    def reduce(self) -> ClassificationMetrics:
+        """All-reduce across processes (every rank must call this, in the same order) and compute."""
+        total = self.buffer.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        total = total.cpu()
+        c = self.num_classes
+        return compute_metrics(total[: c * c].round().to(torch.int64).view(c, c), float(total[-1]))
+
+
+def compute_metrics(confusion: torch.Tensor, loss_sum: float) -> ClassificationMetrics:
+    """Metrics from a (true x predicted) confusion matrix and the summed per-sample loss."""
+    confusion = confusion.to(torch.float64)
+    samples = int(confusion.sum().item())
+    true_pos = confusion.diag()
+    predicted = confusion.sum(dim=0)
+    actual = confusion.sum(dim=1)
+    precision = torch.where(predicted > 0, true_pos / predicted.clamp(min=1), torch.zeros_like(true_pos))
+    recall = torch.where(actual > 0, true_pos / actual.clamp(min=1), torch.zeros_like(true_pos))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
+                     torch.zeros_like(true_pos))
+    # Macro averages over the classes that occur as a label or a prediction, with 0 for an undefined
+    # ratio: scikit-learn's precision_recall_fscore_support(average="macro", zero_division=0).
+    present = (actual > 0) | (predicted > 0)
+    n_present = max(int(present.sum().item()), 1)
+    return ClassificationMetrics(
+        loss=loss_sum / samples if samples else float("nan"),
+        accuracy=float(true_pos.sum() / samples) if samples else float("nan"),
+        precision=float(precision[present].sum() / n_present),
+        recall=float(recall[present].sum() / n_present),
+        f1=float(f1[present].sum() / n_present),
+        samples=samples,
+        confusion_matrix=confusion.to(torch.int64).tolist(),
+    )

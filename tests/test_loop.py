@@ -1,0 +1,140 @@
+"""`fit` on a user's own model in one process: schedules, accumulation, clipping, early stopping."""
+
+import math
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from launcher import evaluate, fit
+from launcher.schedulers import reduce_on_plateau, warmup_cosine
+from launcher.tracking import NullTracker
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def blobs(n=240, features=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, features, generator=g) * 0.5 + torch.nn.functional.one_hot(y, features).float() * 2
+    return TensorDataset(x, y)
+
+
+def model_and_opt(lr=0.05, seed=0):
+    set_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=lr)
+
+
+class Recorder(NullTracker):
+    def __init__(self):
+        self.train, self.epochs = [], []
+
+    def log_train(self, step, metrics):
+        self.train.append((step, dict(metrics)))
+
+    def log_epoch(self, row):
+        self.epochs.append(row)
+
+
+def test_fit_learns_and_returns_history():
+    model, opt = model_and_opt()
+    data = blobs()
+    history = fit(model, opt, DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=50),
+                  nn.CrossEntropyLoss(), epochs=3, num_classes=3, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["val_accuracy"] > 0.9
+    assert history[-1]["val_samples"] == 240 and history[-1]["step"] == 3 * 15
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_warmup_cosine_lr_per_optimizer_step():
+    model, opt = model_and_opt(lr=1.0)
+    rec = Recorder()
+    data = blobs(n=160)
+    fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=80), nn.CrossEntropyLoss(),
+        epochs=2, num_classes=3, scheduler=warmup_cosine(warmup_steps=4), log_every=1, tracker=rec, progress=False)
+    lrs = [m["lr"] for _, m in rec.train]  # lr after each optimizer step's scheduler.step()
+    total = 20
+    expected = [min((s + 1) / 4, 1.0) if s < 4 else 0.5 * (1 + math.cos(math.pi * (s - 4) / (total - 4)))
+                for s in range(1, total + 1)]
+    assert lrs == pytest.approx(expected)
+    assert [s for s, _ in rec.train] == list(range(1, total + 1))
+
+
+def test_gradient_accumulation_matches_the_larger_batch():
+    data = blobs(n=128)
+    results = []
+    for batch, accum in ((32, 1), (16, 2)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        model, opt = model_and_opt()
+        history = fit(model, opt, DataLoader(data, batch_size=batch), DataLoader(data, batch_size=64),
+                      nn.CrossEntropyLoss(), epochs=2, num_classes=3, grad_accum=accum, progress=False)
+        results.append((model, history[-1]["step"]))
+    (a, steps_a), (b, steps_b) = results
+    assert steps_a == steps_b == 8
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_each_update():
+    model, opt = model_and_opt(lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = blobs(n=16)
+    fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=16), nn.CrossEntropyLoss(),
+        epochs=1, num_classes=3, max_grad_norm=1e-3, progress=False)
+    step = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), before)))
+    assert step.item() == pytest.approx(1e-3, rel=1e-3)  # one SGD step of lr 1 with a clipped gradient
+
+
+def test_early_stopping_on_a_metric_that_never_improves():
+    model, opt = model_and_opt(lr=0.0)  # nothing changes, so val_loss never improves after epoch 1
+    data = blobs(n=64)
+    history = fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32),
+                  nn.CrossEntropyLoss(), epochs=10, num_classes=3, best_metric="val_loss", best_mode="min",
+                  early_stopping_patience=2, progress=False)
+    assert len(history) == 3  # epoch 1 sets the best, epochs 2 and 3 do not improve
+
+
+def test_reduce_on_plateau_cuts_lr_after_patience():
+    model, opt = model_and_opt(lr=1e-6)  # too small to change val_accuracy: every epoch after the first is bad
+    data = blobs(n=64)
+    history = fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32),
+                  nn.CrossEntropyLoss(), epochs=4, num_classes=3, best_metric="val_accuracy", best_mode="max",
+                  scheduler=reduce_on_plateau(mode="max", factor=0.5, patience=1), progress=False)
+    assert len({row["val_accuracy"] for row in history}) == 1
+    # rows record the lr the epoch trained with; the cut follows the 2nd bad epoch (> patience)
+    assert [row["lr"] for row in history] == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7])
+
+
+def test_evaluate_is_independent_of_batch_size():
+    model, _ = model_and_opt()
+    data = blobs(n=101)
+    results = {bs: evaluate(model, DataLoader(data, batch_size=bs), nn.CrossEntropyLoss(), num_classes=3,
+                            prepare=True) for bs in (1, 7, 50, 101, 500)}
+    first = results[1]
+    for m in results.values():
+        assert m.confusion_matrix == first.confusion_matrix
+        assert m.loss == pytest.approx(first.loss, abs=1e-6)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(data.tensors[0]), data.tensors[1]).item()
+    assert first.loss == pytest.approx(expected, abs=1e-6)
+
+
+def test_loss_fn_must_give_per_sample_losses():
+    model, opt = model_and_opt()
+    data = blobs(n=32)
+    with pytest.raises(ValueError, match="one loss per sample"):
+        fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=16),
+            lambda out, y: nn.functional.cross_entropy(out, y), epochs=1, num_classes=3, progress=False)
