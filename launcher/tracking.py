@@ -69,6 +69,8 @@ class Tracker(Protocol):
 class NullTracker:
     """Logs nothing. Keeps the run id so that a checkpoint written by any rank still carries it."""
 
+    run_id: str | None = None  # also for subclasses that skip __init__ (test recorders)
+
     def __init__(self, run_id: str | None = None) -> None:
         self.run_id = run_id
 
