@@ -117,17 +117,18 @@ def test_same_folder_names_get_their_paths_as_titles(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compare_two_real_runs_with_different_learning_rates(tmp_path):
+    from helpers import ROOT
     from helpers import run as run_recipe
-    from helpers import test_env
 
     dirs = []
     for lr in ("0.001", "0.01"):
         out = tmp_path / f"lr{lr}"
-        run_recipe(["--epochs", "2", "--lr", lr, "--output-dir", str(out)], env=test_env())
+        run_recipe(["--epochs", "2", "--lr", lr, "--output-dir", str(out)])  # W&B disabled
         dirs.append(out)
     plot = tmp_path / "curves.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     result = subprocess.run([sys.executable, "-m", "launcher", "compare", *map(str, dirs), "--plot", str(plot)],
-                            capture_output=True, text=True, env=test_env(), timeout=120)
+                            capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     print(result.stdout)  # the table, for the record (pytest -s)
     lr_line = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["lr"])

@@ -6,6 +6,7 @@ leaves under WANDB_DIR with launcher.wandb_records: what W&B would upload is exa
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -342,7 +344,8 @@ def test_crash_after_logging_then_resume_does_not_log_the_epoch_twice(tmp_path):
 
 @pytest.mark.slow
 def test_unreachable_wandb_in_online_mode_warns_and_training_completes(tmp_path):
-    env = _clean_env(tmp_path, WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="online", WANDB_API_KEY="a" * 40,
+    online_key = "0123456789abcdefONLINEKEYMARKER012345678"  # 40 characters, like a real API key
+    env = _clean_env(tmp_path, WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="online", WANDB_API_KEY=online_key,
                      WANDB_BASE_URL="http://127.0.0.1:9",  # nothing listens there: connection refused
                      WANDB_INIT_TIMEOUT="3", WANDB_HTTP_TIMEOUT="2")
     result = _launch(JOB, ["--output-dir", str(tmp_path / "out"), "--epochs", "2"], env, timeout=120)
@@ -350,6 +353,44 @@ def test_unreachable_wandb_in_online_mode_warns_and_training_completes(tmp_path)
     assert "W&B init failed" in result.stdout and "training continues" in result.stdout
     checkpoint = json.loads((tmp_path / "out" / "checkpoint.json").read_text())
     assert [r["epoch"] for r in checkpoint["history"]] == [1, 2] and len(checkpoint["wandb_run_id"]) == 8
+    assert online_key not in result.stdout
+    for file, data in _all_files_bytes(tmp_path):
+        assert online_key.encode() not in data, file
+
+
+class _RejectingServer(http.server.BaseHTTPRequestHandler):
+    """Answers every request like a W&B server that does not accept the API key."""
+
+    def _reject(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"errors": [{"message": "permission denied"}]}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _reject
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_rejected_credentials_warn_and_training_completes(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RejectingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = _clean_env(tmp_path, WANDB_DIR=str(tmp_path / "wb"), WANDB_API_KEY="f" * 40,
+                         WANDB_BASE_URL=f"http://127.0.0.1:{server.server_address[1]}")
+        result = _launch(JOB, ["--output-dir", str(tmp_path / "out"), "--epochs", "1"], env, nproc=1)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stdout[-4000:]
+    # Credentials are configured, so the default mode is online; the server refuses them.
+    warning = next(line for line in result.stdout.splitlines() if line.startswith("W&B init failed"))
+    assert "401" in warning and "permission denied" in warning and "training continues" in warning
+    assert json.loads((tmp_path / "out" / "checkpoint.json").read_text())["history"][0]["epoch"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,8 +421,10 @@ def test_recipe_two_processes_offline(tmp_path):
     assert set(config) <= set(run.config)
     assert run.config["world_size"] == 2 and run.config["slurm_job_id"] == 99
     for key in ("num_nodes", "procs_per_node", "mixed_precision", "distributed_type", "run_dataset",
-                "num_classes", "git_commit", "slurm_array_job_id", "slurm_array_task_id"):
+                "num_classes", "seed", "slurm_array_job_id", "slurm_array_task_id"):
         assert key in run.config, key
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert run.config.get("git_commit") == (head.stdout.strip() if head.returncode == 0 else None)
     rows = read_metrics(out)
     val = run.history_with("val/accuracy")
     assert [r["epoch"] for r in val] == [1, 2]
