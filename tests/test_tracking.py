@@ -343,6 +343,23 @@ def test_crash_after_logging_then_resume_does_not_log_the_epoch_twice(tmp_path):
 
 
 @pytest.mark.slow
+def test_preempted_run_is_marked_and_continued(tmp_path):
+    env = _clean_env(tmp_path, WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="offline")
+    args = ["--output-dir", str(tmp_path / "out"), "--epochs", "3"]
+    first = _launch(JOB, [*args, "--stop-after-epoch", "1", "--stop", "preempt"], env)
+    assert first.returncode != 0  # torchrun reports a worker's 75 as its own failure
+    assert _launch(JOB, args, env).returncode == 0
+    files = find_run_files(tmp_path / "wb")
+    part1, part2 = (read_run_file(f) for f in files)
+    assert part1.preempting and part1.exit_code == 75 and part2.exit_code == 0
+    assert part2.run_id == part1.run_id
+    epochs, steps, _ = _epochs_and_steps(files)
+    assert epochs == [1, 2, 3] and steps == sorted(set(steps))
+    assert not part1.history_with("best/confusion_matrix_table")  # only a finished run has the final chart
+    assert part2.history_with("best/confusion_matrix_table")
+
+
+@pytest.mark.slow
 def test_unreachable_wandb_in_online_mode_warns_and_training_completes(tmp_path):
     online_key = "0123456789abcdefONLINEKEYMARKER012345678"  # 40 characters, like a real API key
     env = _clean_env(tmp_path, WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="online", WANDB_API_KEY=online_key,

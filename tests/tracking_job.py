@@ -7,6 +7,7 @@ id, the step and the epoch history, written by rank 0 after each epoch.
 
 --stop-after-epoch K --stop kill: rank 0 SIGKILLs itself right after logging epoch K, before its checkpoint.
 --stop-after-epoch K --stop crash: the checkpoint of epoch K fails; finish(history, 1) and exit 1.
+--stop-after-epoch K --stop preempt: after the checkpoint of epoch K, finish(history, 75) and exit 75.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> int:
     parser.add_argument("--log-every", type=int, default=3)
     parser.add_argument("--wandb-mode", default=None)
     parser.add_argument("--stop-after-epoch", type=int, default=None)
-    parser.add_argument("--stop", choices=("kill", "crash"), default="kill")
+    parser.add_argument("--stop", choices=("kill", "crash", "preempt"), default="kill")
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=True)
@@ -80,6 +81,9 @@ def main() -> int:
             tmp.write_text(json.dumps({"wandb_run_id": tracker.run_id, "step": step, "history": history}))
             tmp.replace(checkpoint)
         accelerator.wait_for_everyone()
+        if epoch == args.stop_after_epoch and args.stop == "preempt":
+            tracker.finish(history, exit_code=75)
+            return 75
     tracker.finish(history, exit_code=0)
     return 0
 
