@@ -100,17 +100,28 @@ def per_sample_loss_fn(loss_fn: Callable) -> Callable:
     return per_sample
 
 
-def valid_in_batch(loader: Any, batch_size: int, rank: int) -> int | None:
+def last_batch_remainder(loader: Any) -> int:
+    """Real samples in the last global batch of a prepared loader (0: the last batch is full).
+
+    Computed from the original prepared loader: the one `skip_first_batches` builds for a resume does not
+    know it.
+    """
+    try:
+        if getattr(loader, "_drop_last", False):
+            return 0
+        return len(loader.dataset) % loader.total_batch_size
+    except (TypeError, AttributeError):
+        return 0
+
+
+def valid_in_batch(is_last: bool, remainder: int, batch_size: int, rank: int) -> int | None:
     """How many samples of this batch are real, or None for all.
 
     With `even_batches`, Accelerate pads the last global batch with samples from the start of the dataset.
     In the gathered order (rank 0's batch, then rank 1's, ...) the first `remainder` are real; this is the
     same rule `gather_for_metrics` applies, without gathering anything.
     """
-    if not getattr(loader, "end_of_dataloader", False):
-        return None
-    remainder = getattr(loader, "remainder", -1)
-    if remainder is None or remainder <= 0:
+    if not is_last or remainder <= 0:
         return None
     return max(0, min(batch_size, remainder - rank * batch_size))
 
@@ -139,14 +150,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
     per_sample = per_sample_loss_fn(loss_fn)
     stats = ConfusionStats(num_classes, accelerator.device)
     was_training = model.training
+    remainder = last_batch_remainder(loader)
     model.eval()
     for batch in loader:
         inputs, targets = unpack_batch(batch)
         with accelerator.autocast():
             outputs = model(inputs)
             losses = per_sample(outputs, targets)
+        is_last = getattr(loader, "end_of_dataloader", False)
         stats.update(losses.float(), outputs, targets,
-                     valid_in_batch(loader, _batch_len(targets), accelerator.process_index))
+                     valid_in_batch(is_last, remainder, _batch_len(targets), accelerator.process_index))
     model.train(was_training)
     return stats.reduce()
 
@@ -309,6 +322,7 @@ def _train_epoch(run: _Run, train_loader: Any, epoch: int, epochs: int, watch: P
     train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume
     loader = acc.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
     total_batches = len(train_loader)
+    remainder = last_batch_remainder(train_loader)
     bar = tqdm(total=total_batches, initial=state.batches_done, desc=f"epoch {epoch + 1}/{epochs}",
                disable=not (run.progress and acc.is_local_main_process), leave=False, dynamic_ncols=True)
     clock = _EpochClock(state)
@@ -329,7 +343,8 @@ def _train_epoch(run: _Run, train_loader: Any, epoch: int, epochs: int, watch: P
                 acc.clip_grad_norm_(model.parameters(), run.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        valid = valid_in_batch(loader, _batch_len(targets), acc.process_index)
+        valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, _batch_len(targets),
+                               acc.process_index)
         stats.update(losses.float(), outputs, targets, valid)
         clock.samples += _batch_len(targets) if valid is None else valid
         state.batches_done += 1
@@ -343,7 +358,7 @@ def _train_epoch(run: _Run, train_loader: Any, epoch: int, epochs: int, watch: P
         if state.global_step % run.log_every == 0:
             _log_train(run, stats, clock, epoch + state.batches_done / total_batches, bar)
         if state.batches_done == total_batches:
-            break  # the epoch-end checkpoint, after validation, covers this boundary
+            continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
         if watch.should_stop():
             clock.snapshot(stats)
             bar.close()

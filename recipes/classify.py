@@ -39,9 +39,16 @@ def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
+    error = None
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
-        return load_splits(config.dataset, image_column=config.image_column, label_column=config.label_column,
-                           val_fraction=config.val_fraction, seed=config.seed)
+        try:
+            data = load_splits(config.dataset, image_column=config.image_column,
+                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed)
+        except UsageError as err:  # leave the block normally so its barrier is met on every rank
+            error = err
+    if error is not None:
+        raise error
+    return data
 
 
 def setup_model(config: TrainConfig, data: DataSplits) -> tuple[torch.nn.Module, int]:
@@ -94,7 +101,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 
 
 def train(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, description=__doc__.split("\n")[0])
+    config = parse_config(argv, description=__doc__)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     output_dir = setup_output_dir(config, accelerator)
     checkpoint = resolve_resume(config.resume, output_dir)

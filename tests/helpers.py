@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict:
+def make_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                 "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
@@ -47,7 +47,7 @@ def launch_cmd(args: list[str], nproc: int = 1, *, script: Path = RECIPE, extra:
 
 def start(args: list[str], nproc: int = 1, *, env: dict | None = None, cwd: Path | None = None,
           **kw) -> subprocess.Popen:
-    return subprocess.Popen(launch_cmd(args, nproc, **kw), env=env or test_env(), cwd=cwd or ROOT,
+    return subprocess.Popen(launch_cmd(args, nproc, **kw), env=env or make_env(), cwd=cwd or ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -41,11 +41,6 @@ def test_empty_matrix_gives_nan_not_a_crash():
     assert m.samples == 0 and m.loss != m.loss
 
 
-class _Loader:
-    def __init__(self, end, remainder):
-        self.end_of_dataloader, self.remainder = end, remainder
-
-
 @pytest.mark.parametrize("n,batch,world", [(10, 4, 2), (13, 4, 3), (8, 4, 2), (5, 4, 4), (1, 4, 2)])
 def test_valid_in_batch_follows_accelerate_sharding(n, batch, world):
     """Shard like Accelerate's BatchSamplerShard (even_batches): rank r takes global batch k*world + r and
@@ -58,6 +53,6 @@ def test_valid_in_batch_follows_accelerate_sharding(n, batch, world):
         shard = list(BatchSamplerShard(BatchSampler(SequentialSampler(range(n)), batch, False), world, rank))
         for i, idx in enumerate(shard):
             last = i == len(shard) - 1
-            valid = valid_in_batch(_Loader(last, n % (batch * world)), len(idx), rank)
+            valid = valid_in_batch(last, n % (batch * world), len(idx), rank)
             counted += idx if valid is None else idx[:valid]
     assert sorted(counted) == list(range(n)), (n, batch, world)
