@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from launcher.config import TrainConfig
@@ -89,4 +90,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        # Leaving with the gloo group alive can abort the process at exit ("terminate called ..."), as
+        # the recipe knows too.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    sys.exit(code)
