@@ -28,7 +28,7 @@ from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
 from launcher.models import build_model
 from launcher.schedulers import from_name
-from launcher.tracking import start_tracker
+from launcher.tracking import run_metadata, start_tracker
 
 
 def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
@@ -81,6 +81,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "val_samples": len(data.val),
         "effective_batch_size": config.batch_size * accelerator.num_processes * config.grad_accum,
         "torch": torch.__version__,
+        **run_metadata(),  # git commit of the training code, SLURM job / array ids when present
     }
 
 
@@ -119,9 +120,10 @@ def train(argv: list[str] | None = None) -> None:
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers)
     # Everything is validated: from here on the output folder is written.
-    resumed = read_trainer_state(checkpoint)["extra"] if checkpoint else {}
+    resumed = read_trainer_state(checkpoint) if checkpoint else {}
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
-                            resume_run_id=resumed.get("wandb_run_id"))
+                            resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
+                            history=resumed.get("history"))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info})
