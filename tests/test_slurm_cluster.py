@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launcher.wandb_records import find_run_files, read_run_file
 from tests.helpers import assert_same_weights, comparable, final_weights, free_port, make_env, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -176,7 +177,7 @@ def test_two_node_job_completes_with_world_size_2_and_the_weights_of_a_local_run
     assert comparable(rows) == comparable(read_metrics(baseline["local"]))
 
 
-def test_preempted_job_checkpoints_requeues_once_and_ends_bit_identical(cluster, baseline, tmp_path):
+def test_preempted_job_checkpoints_requeues_once_and_ends_bit_identical_in_the_same_wandb_run(cluster, baseline, tmp_path):
     run = tmp_path / "run"
     job_id, _ = submit(cluster, ["--nodes", "2", "--output-dir", str(run)])
     log = run / "slurm" / f"classify-{job_id}.out"
@@ -209,6 +210,11 @@ def test_preempted_job_checkpoints_requeues_once_and_ends_bit_identical(cluster,
     # Resumed from there: the result is the uninterrupted job's, bit for bit.
     assert_same_weights(final_weights(run), final_weights(baseline["dir"]))
     assert comparable(read_metrics(run)) == comparable(read_metrics(baseline["dir"]))
+    # One W&B run (offline files: one per process start): preempted, then continued by the requeued job.
+    parts = [read_run_file(path) for path in find_run_files(run / "wandb")]
+    assert [part.run_id for part in parts] == [parts[0].run_id] * 2
+    assert (parts[0].exit_code, parts[0].preempting, parts[1].exit_code) == (75, True, 0)
+    assert [part.config.get("slurm_restart_count") for part in parts] == [None, 1]
     if requeued is not None:
         print(f"\npreempted job {job_id}: running again {requeued - signalled:.1f} s after the signal")
 
@@ -287,5 +293,11 @@ def test_sweep_runs_each_array_task_in_its_own_dir_and_requeues_tasks_separately
         assert [row["epoch"] for row in read_metrics(run)] == [1, 2]
         assert (run / "final" / "model.safetensors").exists()
         assert (out / "slurm" / f"lr-sweep-{job_id}_{task}.out").exists()
+    # In W&B: two runs in the sweep's group; the preempted task's requeued part continues its run.
+    wandb_runs = {lr: [read_run_file(p) for p in find_run_files(out / f"lr-{lr}" / "wandb")] for lr in (0.003, 0.001)}
+    assert [len(parts) for parts in wandb_runs.values()] == [2, 1]
+    assert {(part.group, part.run_id) for parts in wandb_runs.values() for part in parts} == {
+        ("lr-sweep", wandb_runs[0.003][0].run_id), ("lr-sweep", wandb_runs[0.001][0].run_id)}
+    assert wandb_runs[0.003][0].run_id != wandb_runs[0.001][0].run_id
     weights = [final_weights(out / "lr-0.003"), final_weights(out / "lr-0.001")]
     assert any((weights[0][k] != weights[1][k]).any() for k in weights[0])  # two different runs
