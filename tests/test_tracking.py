@@ -35,7 +35,7 @@ from launcher.tracking import (
     train_metrics,
 )
 from launcher.wandb_records import RecordFileError, find_run_files, iter_record_bytes, read_run_file
-from helpers import ROOT, free_port, read_metrics, signal_tree, wait_for
+from tests.helpers import ROOT, read_metrics, run, signal_tree, start, wait_for
 
 JOB = ROOT / "tests" / "tracking_job.py"
 SECRET = "local-" + "S3CR3TMARKER" * 4  # wandb accepts this shape of key
@@ -232,19 +232,7 @@ def _clean_env(home: Path, **extra: str) -> dict:
 
 def _launch(script: Path, args: list[str], env: dict, nproc: int = 2, timeout: float = 240,
             ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / ("cpu_ddp.yaml" if nproc > 1 else "cpu.yaml"))]
-    if nproc > 1:
-        cmd += ["--num_processes", str(nproc), "--main_process_port", str(free_port())]
-    proc = subprocess.Popen([*cmd, str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        signal_tree(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return run(args, nproc, script=script, env=env, timeout=timeout, check=False)
 
 
 def _all_files_bytes(root: Path):
@@ -461,11 +449,7 @@ def test_recipe_killed_and_resumed_continues_the_same_run(tmp_path):
     out = tmp_path / "run"
     env = _clean_env(tmp_path, WANDB_DIR=str(tmp_path / "wb"))
     args = ["--epochs", "4", "--output-dir", str(out), "--batch-size", "16", "--log-every", "10"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
-           str(RECIPE), *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = start(args, 2, env=env)
     try:
         assert wait_for(lambda: any(out.glob("checkpoints/step-*/manifest.json")), 180, proc), \
             "no checkpoint before the process ended"
