@@ -161,19 +161,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of defaults; command-line flags win")
     hints = _field_types()
     for name, f in _fields().items():
         kind = _base_type(hints[name])
         help_text = f.metadata["help"]
+        if "(default" not in help_text:
+            help_text += f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(f"--{_flag(name)}", dest=name, nargs="?", const=True, type=_parse_bool,
-                                default=argparse.SUPPRESS, help=help_text + f" (default: {f.default})")
+                                default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(f"--{_flag(name)}", dest=name, type=_parse_optional(kind),
                                 choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
-                                help=help_text + f" (default: {f.default})")
+                                help=help_text)
     return parser
 
 

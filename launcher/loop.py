@@ -295,8 +295,10 @@ def fit(
         watch.close()
         tracker.finish(run.state.history, exit_code)
         if exit_code == EXIT_PREEMPTED and dist.is_available() and dist.is_initialized():
-            # The process is about to exit: tear the group down so torchrun's exit barrier is clean.
-            accelerator.end_training()
+            # The process is about to exit: leave together and tear the group down, so that no rank drops
+            # a connection a peer still uses and torchrun's exit barrier is clean.
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def _resume(run: _Run, path: Path) -> None:
@@ -374,7 +376,7 @@ def _train_epoch(run: _Run, train_loader: Any, epoch: int, epochs: int, watch: P
         if state.global_step % run.log_every == 0:
             _log_train(run, stats, clock, epoch + state.batches_done / total_batches, bar)
         if state.batches_done == total_batches:
-            break  # the epoch-end checkpoint, after validation, covers this boundary
+            continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
         if watch.should_stop():
             clock.snapshot(stats)
             bar.close()

@@ -1,8 +1,54 @@
-"""Experiment tracking. The training loop talks to a `Tracker`; non-main ranks hold a `NullTracker`."""
+"""Experiment tracking. The training loop talks to a `Tracker`; non-main ranks hold a `NullTracker`.
+
+`start_tracker` gives rank 0 a W&B run (`WandbTracker`) and every other rank a no-op. W&B is optional at
+run time: an import error, an auth or network failure, or a crash of the W&B service becomes one warning
+line and training continues with its local logging (metrics.jsonl).
+
+W&B names (metrics.jsonl row key -> W&B key):
+  every --log-every optimizer steps, x-axis = global optimizer step (W&B `_step`):
+    loss -> train/loss, lr -> train/lr, samples_per_second -> train/samples_per_second, epoch -> train/epoch
+  once per epoch, x-axis = `epoch` (define_metric), logged at the step where the epoch ended:
+    val_loss -> val/loss, val_accuracy -> val/accuracy, val_precision/recall/f1 -> val/precision, ...
+    train_loss -> epoch/train_loss, train_accuracy -> epoch/train_accuracy, lr -> epoch/lr,
+    epoch_seconds -> epoch/seconds, samples_per_second -> epoch/samples_per_second
+  summary: best/val_accuracy (highest), best/val_loss (lowest), best/epoch and best/<--best-metric>
+    (the epoch --best-metric/--best-mode picks), computed by the tracker from the full history;
+  at the end of a completed run: best/confusion_matrix, the confusion matrix of that best epoch.
+
+Restarts: the run id lives in the checkpoint; a resumed job reopens the same run (resume="allow"). Because a
+job can die after an epoch was logged but before the checkpoint that covers it, the tracker asks W&B what
+it already holds (offline: the earlier run files of this id; online: the resumed run's summary and step)
+and skips rows W&B has; rows the checkpoint's history has but W&B lost (wandb-core flushes its log about
+every 15 s, so a SIGKILL loses the last seconds) are logged again at their original steps.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+import logging
+import math
+import os
+import re
+import secrets
+import string
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from launcher.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "launcher"
+# wandb waits 90 s for init by default; a training job whose W&B is unreachable should start sooner.
+DEFAULT_INIT_TIMEOUT_S = 30.0
+# run.finish() waits for every upload by default, forever. Unuploaded data stays on disk for `wandb sync`.
+DEFAULT_FINISH_TIMEOUT_S = 120.0
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+_SECRET_NAME = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+REDACTED = "<redacted>"
 
 
 class Tracker(Protocol):
@@ -21,7 +67,12 @@ class Tracker(Protocol):
 
 
 class NullTracker:
-    run_id: str | None = None
+    """Logs nothing. Keeps the run id so that a checkpoint written by any rank still carries it."""
+
+    run_id: str | None = None  # also for subclasses that skip __init__ (test recorders)
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
 
     def log_train(self, step: int, metrics: Mapping[str, float]) -> None:
         pass
@@ -33,7 +84,380 @@ class NullTracker:
         pass
 
 
-def start_tracker(config: Any, *, accelerator: Any, output_dir: Any, run_info: dict,
-                  resume_run_id: str | None) -> Tracker:
-    """Placeholder until the W&B tracker lands: local logging only."""
-    return NullTracker()
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers (unit-tested)
+
+
+def generate_run_id() -> str:
+    """A W&B-style run id (8 characters of [a-z0-9], like wandb.util.generate_id) without importing wandb."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def resolve_mode(flag: str | None, environ: Mapping[str, str], credentials: bool) -> tuple[str, bool]:
+    """(mode, defaulted_to_offline): --wandb-mode > $WANDB_MODE / $WANDB_DISABLED > online with credentials.
+
+    The second value is True when the mode fell back to offline for lack of credentials, so the caller can
+    say how to sync later.
+    """
+    if flag:
+        return flag, False
+    env_mode = environ.get("WANDB_MODE", "").strip().lower()
+    aliases = {"dryrun": "offline", "run": "online", "online": "online", "offline": "offline",
+               "disabled": "disabled"}
+    if env_mode in aliases:
+        return aliases[env_mode], False
+    if environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled", False
+    return ("online", False) if credentials else ("offline", True)
+
+
+def secret_values(environ: Mapping[str, str]) -> list[str]:
+    """Values of environment variables that look like credentials (…_KEY, …_TOKEN, …_SECRET, …PASSWORD)."""
+    names = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
+    return sorted({v for k, v in environ.items() if names.search(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def scrub(value: Any, secrets_: list[str]) -> Any:
+    """Drop keys named like credentials and redact any string holding a secret value, recursively."""
+    if isinstance(value, Mapping):
+        return {k: scrub(v, secrets_) for k, v in value.items() if not _SECRET_NAME.search(str(k))}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v, secrets_) for v in value]
+    if isinstance(value, str):
+        for secret in secrets_:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+    return value
+
+
+def git_info(code_dir: Path) -> dict[str, Any]:
+    """{"git_commit": sha, "git_dirty": bool} of the repository holding code_dir; {} outside a repository."""
+    try:
+        commit = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(code_dir), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(status.strip())} if commit else {}
+
+
+def run_metadata(environ: Mapping[str, str] = os.environ, code_dir: Path | None = None) -> dict[str, Any]:
+    """Git commit of the training code (the script's folder) and SLURM job ids, when present."""
+    if code_dir is None:
+        script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+        code_dir = script.resolve().parent if script and script.is_file() else Path.cwd()
+    info = git_info(code_dir)
+    for name in SLURM_VARIABLES:
+        if environ.get(name):
+            value = environ[name]
+            info[name.lower()] = int(value) if value.isdigit() else value
+    return info
+
+
+def build_config(config: Mapping[str, Any], run_info: Mapping[str, Any], metadata: Mapping[str, Any],
+                 environ: Mapping[str, str]) -> dict[str, Any]:
+    """One flat W&B config: every resolved hyperparameter, then run facts (world size, ...) and metadata.
+
+    Flat so that W&B filters and the runs table read `lr`, `world_size`, `git_commit` directly. A run fact
+    whose name clashes with a hyperparameter is kept as `run_<name>`.
+    """
+    merged: dict[str, Any] = dict(config)
+    for key, value in {**run_info, **metadata}.items():
+        merged[f"run_{key}" if key in config else key] = value
+    return scrub(merged, secret_values(environ))
+
+
+_EPOCH_KEYS = {"train_loss": "epoch/train_loss", "train_accuracy": "epoch/train_accuracy", "lr": "epoch/lr",
+               "epoch_seconds": "epoch/seconds", "samples_per_second": "epoch/samples_per_second"}
+_NOT_LOGGED = {"step", "world_size", "val_confusion_matrix"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl row as W&B epoch-level metrics (see the module docstring for the names)."""
+    out: dict[str, Any] = {"epoch": row["epoch"]}
+    for key, value in row.items():
+        if key in _NOT_LOGGED or key == "epoch" or not _is_number(value):
+            continue
+        if key.startswith("val_"):
+            out["val/" + key[4:]] = value
+        else:
+            out[_EPOCH_KEYS.get(key, "epoch/" + key)] = value
+    return out
+
+
+def train_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {"train/" + k: v for k, v in metrics.items() if _is_number(v)}
+
+
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def best_row(history: list[Mapping[str, Any]], metric: str, mode: str) -> Mapping[str, Any] | None:
+    """The epoch row that --best-metric/--best-mode picks (the earliest of ties), or None."""
+    rows = [r for r in history if _finite(r.get(metric))]
+    if not rows:
+        return None
+    pick = max if mode == "max" else min
+    target = pick(r[metric] for r in rows)
+    return next(r for r in rows if r[metric] == target)
+
+
+def best_summary(history: list[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """Summary values from the full epoch history: best val accuracy, lowest val loss, the best epoch."""
+    out: dict[str, Any] = {}
+    accuracies = [r["val_accuracy"] for r in history if _finite(r.get("val_accuracy"))]
+    losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
+    if accuracies:
+        out["best/val_accuracy"] = max(accuracies)
+    if losses:
+        out["best/val_loss"] = min(losses)
+    row = best_row(history, metric, mode)
+    if row is not None:
+        out["best/epoch"] = row["epoch"]
+        out["best/" + metric] = row[metric]
+    out["epochs_completed"] = max((r["epoch"] for r in history), default=0)
+    return out
+
+
+def confusion_matrix_table(matrix: list[list[float]], class_names: list[str] | None) -> list[list[Any]]:
+    """Rows (Actual, Predicted, nPredictions) of W&B's built-in confusion-matrix chart."""
+    names = list(class_names) if class_names and len(class_names) == len(matrix) else \
+        [str(i) for i in range(len(matrix))]
+    return [[names[i], names[j], matrix[i][j]] for i in range(len(matrix)) for j in range(len(matrix[i]))]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _warn_unavailable(what: str, err: BaseException) -> None:
+    message = scrub(_one_line(err), secret_values(os.environ))
+    log.warning("W&B %s failed (%s); training continues, logging locally only (metrics.jsonl)", what, message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The W&B tracker
+
+
+class WandbTracker:
+    """Rank 0's tracker: one W&B run. Any W&B error turns it into a no-op after one warning."""
+
+    def __init__(self, run: Any, wandb_module: Any, *, history: list[Mapping[str, Any]] | None,
+                 best_metric: str, best_mode: str, class_names: list[str] | None,
+                 logged_epoch: int, logged_step: int) -> None:
+        self.run_id: str | None = run.id
+        self._run: Any = run
+        self._wandb = wandb_module
+        self._best_metric, self._best_mode = best_metric, best_mode
+        self._class_names = class_names
+        self._history: dict[int, Mapping[str, Any]] = {int(r["epoch"]): r for r in history or []}
+        self._last_epoch = logged_epoch  # highest epoch W&B holds for this run
+        self._last_step = logged_step  # highest step W&B holds for this run
+        self._skipped_epochs: list[int] = []
+        self._skipped_steps = 0
+        self._define_metrics()
+        self._backfill()
+
+    # -- Tracker protocol --------------------------------------------------------------------------------
+
+    def log_train(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._run is None:
+            return
+        if step <= self._last_step:
+            # W&B already holds this step from before a restart; steps must only grow.
+            self._skipped_steps += 1
+            return
+        self._guard("log", lambda: self._run.log(train_metrics(metrics), step=step))
+        self._last_step = step
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        epoch = int(row["epoch"])
+        self._history[epoch] = row
+        if self._run is None:
+            return
+        if epoch <= self._last_epoch:
+            self._skipped_epochs.append(epoch)
+            log.info("W&B run %s already holds epoch %d from before the restart; not logging it again",
+                     self.run_id, epoch)
+            return
+        self._log_epoch_row(row)
+        self._guard("summary update", self._update_summary)
+
+    def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
+        if self._run is None:
+            return
+        for row in history:
+            self._history[int(row["epoch"])] = row
+        self._guard("summary update", self._update_summary)
+        if exit_code == 0:
+            self._guard("confusion matrix", self._log_confusion_matrix)
+        if exit_code == 75:
+            # The job will be requeued: W&B shows the run as preempted instead of crashed.
+            self._guard("mark preempting", self._run.mark_preempting)
+        run, self._run = self._run, None
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as err:  # noqa: BLE001 - W&B must never take training down
+            _warn_unavailable("finish", err)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _guard(self, what: str, action: Any) -> None:
+        if self._run is None:
+            return
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - W&B must never take training down
+            _warn_unavailable(what, err)
+            self._run = None
+
+    def _define_metrics(self) -> None:
+        def define() -> None:
+            self._run.define_metric("epoch")
+            self._run.define_metric("val/*", step_metric="epoch")
+            self._run.define_metric("epoch/*", step_metric="epoch")
+
+        self._guard("define_metric", define)
+
+    def _backfill(self) -> None:
+        """Log the checkpoint's epochs that W&B lost (killed before wandb-core flushed them)."""
+        for epoch in sorted(self._history):
+            if epoch > self._last_epoch:
+                self._log_epoch_row(self._history[epoch])
+        if self._history:
+            self._guard("summary update", self._update_summary)
+
+    def _log_epoch_row(self, row: Mapping[str, Any]) -> None:
+        step = max(int(row.get("step", self._last_step)), self._last_step)
+        self._guard("log", lambda: self._run.log(epoch_metrics(row), step=step))
+        self._last_step = step
+        self._last_epoch = max(self._last_epoch, int(row["epoch"]))
+
+    def _update_summary(self) -> None:
+        history = [self._history[e] for e in sorted(self._history)]
+        self._run.summary.update(best_summary(history, self._best_metric, self._best_mode))
+
+    def _log_confusion_matrix(self) -> None:
+        history = [self._history[e] for e in sorted(self._history)]
+        row = best_row([r for r in history if r.get("val_confusion_matrix")], self._best_metric,
+                       self._best_mode)
+        if row is None:
+            return
+        table = self._wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
+                                  data=confusion_matrix_table(row["val_confusion_matrix"], self._class_names))
+        chart = self._wandb.plot_table("wandb/confusion_matrix/v1", table,
+                                       {"Actual": "Actual", "Predicted": "Predicted",
+                                        "nPredictions": "nPredictions"},
+                                       {"title": f"Confusion matrix, best epoch ({row['epoch']})"})
+        self._run.log({"best/confusion_matrix": chart}, step=max(self._last_step, 0))
+
+
+def _already_logged_offline(run: Any, run_id: str) -> tuple[int, int]:
+    """(highest epoch, highest step) in this run's earlier local run files (earlier process starts)."""
+    from launcher.wandb_records import RecordFileError, find_run_files, read_run_file
+
+    current = Path(run.settings.sync_dir).resolve()
+    epoch, step = 0, -1
+    for path in find_run_files(current.parent, run_id):
+        if path.parent.resolve() == current:
+            continue
+        try:
+            earlier = read_run_file(path)
+        except (OSError, RecordFileError) as err:
+            log.warning("cannot read earlier W&B run file %s (%s); it is ignored", path, err)
+            continue
+        for row in earlier.history:
+            if _is_number(row.get("epoch")):
+                epoch = max(epoch, int(row["epoch"]))
+            if _is_number(row.get("_step")):
+                step = max(step, int(row["_step"]))
+    return epoch, step
+
+
+def _already_logged_online(run: Any) -> tuple[int, int]:
+    """(highest epoch, highest step) the W&B server holds for a resumed run."""
+    if not run.resumed:
+        return 0, -1
+    epoch = run.summary.get("epoch")
+    return (int(epoch) if _is_number(epoch) else 0), int(run.starting_step) - 1
+
+
+def _agree_on_run_id(accelerator: Any, resume_run_id: str | None) -> str:
+    """Rank 0 picks the id (checkpoint's, else $WANDB_RUN_ID, else a new one); every rank learns it."""
+    run_id = resume_run_id or os.environ.get("WANDB_RUN_ID") or generate_run_id()
+    if getattr(accelerator, "num_processes", 1) > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [run_id]
+        broadcast_object_list(holder, from_process=0)
+        run_id = holder[0]
+    return run_id
+
+
+def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, run_info: Mapping[str, Any],
+                  resume_run_id: str | None, history: list[Mapping[str, Any]] | None = None) -> Tracker:
+    """Called on every rank (it is a collective when there are several processes).
+
+    Rank 0 opens (or, with `resume_run_id`, reopens) the W&B run; the other ranks get a NullTracker with the
+    same run_id. `history` is the epoch rows restored from the checkpoint, used to re-log epochs W&B lost.
+    """
+    from launcher.config import wandb_credentials_configured
+
+    run_id = _agree_on_run_id(accelerator, resume_run_id)
+    if not accelerator.is_main_process:
+        return NullTracker(run_id)
+    environ = os.environ
+    mode, defaulted = resolve_mode(config.wandb_mode, environ, wandb_credentials_configured())
+    if mode == "disabled":
+        return NullTracker(run_id)
+    try:
+        import wandb
+    except Exception as err:  # noqa: BLE001 - a broken install must not stop training
+        _warn_unavailable("import", err)
+        return NullTracker(run_id)
+
+    output_dir = Path(output_dir)
+    settings: dict[str, Any] = {}
+    if "WANDB_INIT_TIMEOUT" not in environ:
+        settings["init_timeout"] = DEFAULT_INIT_TIMEOUT_S
+    if "WANDB_FINISH_TIMEOUT" not in environ:
+        settings["finish_timeout"] = DEFAULT_FINISH_TIMEOUT_S
+    wandb_config = build_config(config.to_dict(), run_info, run_metadata(environ), environ)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=config.wandb_project or environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            entity=config.wandb_entity,
+            group=config.wandb_group,
+            tags=config.wandb_tags,
+            name=config.wandb_name or (None if environ.get("WANDB_NAME") else output_dir.resolve().name),
+            job_type=config.wandb_job_type or (None if environ.get("WANDB_JOB_TYPE") else "train"),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=None if environ.get("WANDB_DIR") else str(output_dir),
+            config=wandb_config,
+            settings=wandb.Settings(**settings),
+        )
+        if mode == "offline":
+            logged_epoch, logged_step = _already_logged_offline(run, run_id)
+        else:
+            logged_epoch, logged_step = _already_logged_online(run)
+    except Exception as err:  # noqa: BLE001 - auth, network, bad settings: never fatal
+        _warn_unavailable("init", err)
+        return NullTracker(run_id)
+    if defaulted:
+        log.warning("W&B: no credentials found, so this run logs offline to %s; upload it later with "
+                    "`wandb sync %s` (or set WANDB_API_KEY / `wandb login` to log online)",
+                    run.settings.sync_dir, Path(run.settings.sync_dir).parent / f"offline-run-*-{run_id}")
+    return WandbTracker(run, wandb, history=history, best_metric=config.best_metric, best_mode=config.best_mode,
+                        class_names=run_info.get("class_names"), logged_epoch=logged_epoch,
+                        logged_step=logged_step)

@@ -28,7 +28,7 @@ from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
 from launcher.models import build_model
 from launcher.schedulers import from_name
-from launcher.tracking import start_tracker
+from launcher.tracking import run_metadata, start_tracker
 
 
 def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
@@ -39,9 +39,16 @@ def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
+    error = None
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
-        return load_splits(config.dataset, image_column=config.image_column, label_column=config.label_column,
-                           val_fraction=config.val_fraction, seed=config.seed)
+        try:
+            data = load_splits(config.dataset, image_column=config.image_column,
+                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed)
+        except UsageError as err:  # leave the block normally so its barrier is met on every rank
+            error = err
+    if error is not None:
+        raise error
+    return data
 
 
 def setup_model(config: TrainConfig, data: DataSplits) -> tuple[torch.nn.Module, int]:
@@ -74,6 +81,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "val_samples": len(data.val),
         "effective_batch_size": config.batch_size * accelerator.num_processes * config.grad_accum,
         "torch": torch.__version__,
+        **run_metadata(),  # git commit of the training code, SLURM job / array ids when present
     }
 
 
@@ -94,7 +102,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 
 
 def train(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, description=__doc__.split("\n")[0])
+    config = parse_config(argv, description=__doc__)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     output_dir = setup_output_dir(config, accelerator)
     checkpoint = resolve_resume(config.resume, output_dir)
@@ -112,9 +120,10 @@ def train(argv: list[str] | None = None) -> None:
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers)
     # Everything is validated: from here on the output folder is written.
-    resumed = read_trainer_state(checkpoint)["extra"] if checkpoint else {}
+    resumed = read_trainer_state(checkpoint) if checkpoint else {}
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
-                            resume_run_id=resumed.get("wandb_run_id"))
+                            resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
+                            history=resumed.get("history"))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info})
@@ -131,14 +140,17 @@ def train(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         train(argv)
-    except UsageError as err:
+        code = 0
+    except UsageError as err:  # raised alike on every rank: the checks are deterministic
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"classify.py: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # a clean exit for torchrun's barrier
-    return 0
+        code = EXIT_USAGE
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave together: a rank that tears its group down while a peer is still writing files can take the
+        # peer's connection down with it, and torchrun's exit barrier wants every node to finish cleanly.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":

@@ -28,11 +28,24 @@ def test_default_run_learns_digits(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["config"]["dataset"] == "digits" and saved["run_info"]["world_size"] == 1
     assert "epoch 10:" in result.stdout
+    assert_best_and_rotation(tmp_path, rows, "val_accuracy", max, keep_last=3)
+
+
+def assert_best_and_rotation(out, rows, metric, pick, keep_last):
+    """checkpoints/best is the epoch with the best metric (the first, on ties); K newest plus best remain."""
+    from launcher.checkpoint import checkpoint_name, list_checkpoints
+
+    best_row = pick(rows, key=lambda r: (r[metric], -r["epoch"]) if pick is max else (r[metric], r["epoch"]))
+    assert (out / "checkpoints" / "best").resolve().name == checkpoint_name(best_row["step"])
+    newest = [checkpoint_name(r["step"]) for r in rows[-keep_last:]]
+    assert list_checkpoints(out) == sorted(set(newest) | {checkpoint_name(best_row["step"])})
 
 
 def test_two_processes_over_gloo(tmp_path):
-    run(["--output-dir", str(tmp_path), "--epochs", "2", "--model", "cnn"], nproc=2)
+    run(["--output-dir", str(tmp_path), "--epochs", "2", "--model", "cnn", "--best-metric", "val_loss",
+         "--best-mode", "min", "--keep-last", "1"], nproc=2)
     rows = read_metrics(tmp_path)
+    assert_best_and_rotation(tmp_path, rows, "val_loss", min, keep_last=1)
     assert [r["world_size"] for r in rows] == [2, 2]
     assert rows[-1]["val_samples"] == 359 and rows[-1]["val_accuracy"] > 0.5
     # 1438 training samples, 64 per process per step, 2 processes: 12 steps an epoch

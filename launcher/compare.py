@@ -1,0 +1,254 @@
+"""`launcher compare RUN_DIR [RUN_DIR ...] [--plot FILE]`: compare training runs from their local files.
+
+Reads each run's metrics.jsonl (one row per completed epoch) and config.json (the resolved config under
+"config" and the run facts under "run_info"), prints one column per run: the config values that differ
+between the runs, then epochs, best and final validation metrics and training time. `--plot FILE` writes
+the learning curves of all runs overlaid (loss and accuracy per epoch) as a PNG. Needs no W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UsageError
+
+# Keys that differ between any two runs without describing the experiment.
+IGNORED_KEYS = {"output_dir", "wandb_name"}
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)  # config + run_info, flat
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launcher compare", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (--output-dir)")
+    parser.add_argument("--plot", metavar="FILE", help="write the learning curves of all runs to this PNG")
+    return parser
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Epoch rows of a metrics.jsonl, one per epoch (the last one wins). A torn last line (a run killed
+    while writing it) is ignored; a bad line elsewhere is an error."""
+    lines = path.read_text().splitlines()
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UsageError(f"{path}:{number} is not valid JSON; fix or delete that line") from None
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise UsageError(f"{path}:{number} is not a metrics row (no 'epoch'); is this a metrics.jsonl "
+                             f"written by the launcher?")
+        by_epoch[int(row["epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """config.json flattened: TrainConfig values, then run facts (a clashing run fact becomes run_info.KEY)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a JSON object with 'config' and 'run_info'")
+    config = data.get("config", {}) if isinstance(data.get("config"), dict) else {}
+    settings = dict(config)
+    for key, value in (data.get("run_info") or {}).items():
+        settings[f"run_info.{key}" if key in config else key] = value
+    return settings
+
+
+def load_run(arg: str) -> Run:
+    path = Path(arg)
+    if not path.exists():
+        raise UsageError(f"run directory {arg} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"{arg} is not a directory; pass training output folders (--output-dir)")
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UsageError(f"{arg} has no metrics.jsonl; pass a training output folder (the recipe's --output-dir) "
+                         f"that has completed at least one epoch")
+    return Run(path=path, label=path.resolve().name, rows=read_metrics(metrics),
+               settings=read_settings(path / "config.json"))
+
+
+def _unique_labels(runs: list[Run], args: list[str]) -> None:
+    """Folder names as column titles; the paths as given where two folders share a name."""
+    names = [r.label for r in runs]
+    for run, arg in zip(runs, args):
+        if names.count(run.label) > 1:
+            run.label = arg.rstrip("/") or arg
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.settings if k not in keys]
+    missing = object()
+    return [k for k in keys if k not in IGNORED_KEYS
+            and len({json.dumps(r.settings.get(k, missing), sort_keys=True, default=str) for r in runs}) > 1]
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value) or "[]"
+    return str(value)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _best(rows: list[dict[str, Any]], key: str, mode: str) -> str:
+    candidates = [r for r in rows if _finite(r.get(key))]
+    if not candidates:
+        return "-"
+    pick = max if mode == "max" else min
+    row = pick(candidates, key=lambda r: r[key])
+    return f"{row[key]:.4f} (epoch {row['epoch']})"
+
+
+def _final(rows: list[dict[str, Any]], key: str) -> str:
+    return f"{rows[-1][key]:.4f}" if rows and _finite(rows[-1].get(key)) else "-"
+
+
+def result_rows(run: Run) -> list[tuple[str, str]]:
+    rows = run.rows
+    seconds = sum(r["epoch_seconds"] for r in rows if _finite(r.get("epoch_seconds")))
+    rates = [r["samples_per_second"] for r in rows if _finite(r.get("samples_per_second"))]
+    return [
+        ("epochs completed", str(rows[-1]["epoch"]) if rows else "0"),
+        ("steps", str(rows[-1].get("step", "-")) if rows else "-"),
+        ("best val_accuracy", _best(rows, "val_accuracy", "max")),
+        ("best val_loss", _best(rows, "val_loss", "min")),
+        ("best val_f1", _best(rows, "val_f1", "max")),
+        ("final val_accuracy", _final(rows, "val_accuracy")),
+        ("final val_loss", _final(rows, "val_loss")),
+        ("final val_f1", _final(rows, "val_f1")),
+        ("final train_loss", _final(rows, "train_loss")),
+        ("time (train+val)", format_seconds(seconds) if rows else "-"),
+        ("samples/s (mean)", f"{sum(rates) / len(rates):.0f}" if rates else "-"),
+    ]
+
+
+def render_table(runs: list[Run]) -> str:
+    """One column per run: the config keys that differ, then the results."""
+    keys = differing_keys(runs)
+    lines: list[list[str]] = [["", *[r.label for r in runs]]]
+    sections: list[tuple[str, list[list[str]]]] = []
+    if len(runs) > 1:
+        config_lines = [[k, *[format_value(r.settings[k]) if k in r.settings else "-" for r in runs]]
+                        for k in keys]
+        sections.append(("config (differing)" if keys else "config: no differences", config_lines))
+    results = [result_rows(r) for r in runs]
+    sections.append(("results", [[name, *[res[i][1] for res in results]]
+                                 for i, (name, _) in enumerate(results[0])]))
+    rows_out: list[list[str] | str] = [lines[0]]
+    for title, body in sections:
+        rows_out.append(title)
+        rows_out += [["  " + row[0], *row[1:]] for row in body]
+    table_rows = [r for r in rows_out if isinstance(r, list)]
+    widths = [max(len(r[i]) for r in table_rows) for i in range(len(runs) + 1)]
+    out = []
+    for row in rows_out:
+        if isinstance(row, str):
+            out.append(row)
+        else:
+            out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return "\n".join(out)
+
+
+def _check_plot_path(arg: str) -> Path:
+    path = Path(arg)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"--plot {arg} is a directory; give a file name such as {arg.rstrip('/')}/curves.png")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write --plot {arg}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write --plot {arg}: permission denied; choose a writable path")
+    if path.suffix.lower() not in ("", ".png"):
+        raise UsageError(f"--plot {arg}: the plot is a PNG; use a .png file name")
+    return path
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    """Loss (validation solid, training dashed) and validation accuracy per epoch, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = differing_keys(runs)[:3]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        details = ", ".join(f"{k}={format_value(run.settings.get(k, '-'))}" for k in keys)
+        label = f"{run.label} ({details})" if details else run.label
+        epochs = [r["epoch"] for r in run.rows]
+        for key, style, ax, name in (("val_loss", "-", ax_loss, label), ("train_loss", "--", ax_loss, None),
+                                     ("val_accuracy", "-", ax_acc, label)):
+            points = [(e, r[key]) for e, r in zip(epochs, run.rows) if _finite(r.get(key))]
+            if points:
+                ax.plot(*zip(*points), style, color=color, marker="o", markersize=3, label=name)
+    ax_loss.set(title="loss (validation solid, training dashed)", xlabel="epoch", ylabel="loss")
+    ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_acc.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png", dpi=120)
+    except OSError as err:
+        raise UsageError(f"cannot write --plot {path}: {err.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
+def compare_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    plot_path = _check_plot_path(args.plot) if args.plot else None
+    runs = [load_run(arg) for arg in args.runs]
+    _unique_labels(runs, args.runs)
+    print(render_table(runs))
+    if plot_path is not None:
+        plot_curves(runs, plot_path)
+        print(f"learning curves: {plot_path}")
+    return 0

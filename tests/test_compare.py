@@ -1,0 +1,137 @@
+"""`launcher compare`: the table and the PNG from runs' metrics.jsonl and config.json, no W&B involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main as cli_main
+from launcher.compare import compare_main
+from launcher.config import TrainConfig
+from launcher.errors import UsageError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root: Path, name: str, rows: list[dict], **config: object) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {"config": TrainConfig(output_dir=str(run), **config).to_dict(),
+                "run_info": {"world_size": 1, "dataset": "digits", "num_classes": 10}}
+    (run / "config.json").write_text(json.dumps(settings))
+    return run
+
+
+def rows(accuracies: list[float], losses: list[float], seconds: float = 30.0) -> list[dict]:
+    return [{"epoch": i + 1, "step": 10 * (i + 1), "train_loss": loss + 0.1, "val_loss": loss,
+             "val_accuracy": acc, "val_f1": acc - 0.01, "epoch_seconds": seconds, "samples_per_second": 500.0}
+            for i, (acc, loss) in enumerate(zip(accuracies, losses))]
+
+
+def parse_table(out: str) -> dict[str, list[str]]:
+    """{row title: cells} of the printed table (cells are separated by two or more spaces)."""
+    table = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if line.startswith("  ") and len(cells) > 1:
+            table[cells[0]] = cells[1:]
+    return table
+
+
+def test_table_shows_differing_config_best_and_final_metrics(tmp_path, capsys):
+    a = make_run(tmp_path, "lr-small", rows([0.5, 0.8, 0.7], [1.0, 0.4, 0.6]), lr=0.001, epochs=3)
+    b = make_run(tmp_path, "lr-big", rows([0.6, 0.9], [0.9, 0.3], seconds=40.0), lr=0.01, epochs=3)
+    assert compare_main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert out.split()[:2] == ["lr-small", "lr-big"]
+    table = parse_table(out)
+    assert table["lr"] == ["0.001", "0.01"]
+    # Equal values, and the output folder (which always differs), are not config differences.
+    assert "epochs" not in table and "batch_size" not in table and "output_dir" not in table
+    assert table["epochs completed"] == ["3", "2"]
+    assert table["best val_accuracy"] == ["0.8000 (epoch 2)", "0.9000 (epoch 2)"]
+    assert table["best val_loss"] == ["0.4000 (epoch 2)", "0.3000 (epoch 2)"]
+    assert table["final val_accuracy"] == ["0.7000", "0.9000"]
+    assert table["final val_loss"] == ["0.6000", "0.3000"]
+    assert table["time (train+val)"] == ["1m30s", "1m20s"]
+
+
+def test_plot_is_a_png_and_bad_paths_are_usage_errors(tmp_path, capsys):
+    a = make_run(tmp_path, "a", rows([0.5, 0.8], [1.0, 0.4]), lr=0.001)
+    b = make_run(tmp_path, "b", rows([0.6, 0.9], [0.9, 0.3]), lr=0.01)
+    plot = tmp_path / "curves.png"
+    assert compare_main([str(a), str(b), "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(PNG_MAGIC) and plot.stat().st_size > 10_000
+    with pytest.raises(UsageError, match="does not exist"):
+        compare_main([str(a), "--plot", str(tmp_path / "missing" / "x.png")])
+    with pytest.raises(UsageError, match="is a directory"):
+        compare_main([str(a), "--plot", str(tmp_path)])
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UsageError, match="permission denied"):
+            compare_main([str(a), "--plot", str(locked / "x.png")])
+
+
+def test_bad_run_directories_are_one_line_usage_errors(tmp_path, capsys):
+    with pytest.raises(UsageError, match="does not exist"):
+        compare_main([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="has no metrics.jsonl"):
+        compare_main([str(tmp_path / "empty")])
+    # Through the console script: exit 2 and one line on stderr.
+    assert cli_main(["compare", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("launcher compare: error:") and "metrics.jsonl" in err[0]
+    assert cli_main(["compare"]) == 2
+
+
+def test_a_torn_last_line_is_ignored_but_a_broken_middle_line_is_an_error(tmp_path, capsys):
+    run = make_run(tmp_path, "killed", rows([0.5, 0.8], [1.0, 0.4]))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "val_acc')  # killed mid-write
+    assert compare_main([str(run)]) == 0
+    assert parse_table(capsys.readouterr().out)["epochs completed"] == ["2"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", lines[1]]) + "\n")
+    with pytest.raises(UsageError, match=r"metrics.jsonl:2 is not valid JSON"):
+        compare_main([str(run)])
+
+
+def test_same_folder_names_get_their_paths_as_titles(tmp_path, capsys):
+    a = make_run(tmp_path / "x", "run", rows([0.5], [1.0]), seed=1)
+    b = make_run(tmp_path / "y", "run", rows([0.6], [0.9]), seed=2)
+    compare_main([str(a), str(b)])
+    assert capsys.readouterr().out.splitlines()[0].split() == [str(a), str(b)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_two_real_runs_with_different_learning_rates(tmp_path):
+    from helpers import ROOT
+    from helpers import run as run_recipe
+
+    dirs = []
+    for lr in ("0.001", "0.01"):
+        out = tmp_path / f"lr{lr}"
+        run_recipe(["--epochs", "2", "--lr", lr, "--output-dir", str(out)])  # W&B disabled
+        dirs.append(out)
+    plot = tmp_path / "curves.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-m", "launcher", "compare", *map(str, dirs), "--plot", str(plot)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)  # the table, for the record (pytest -s)
+    lr_line = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["lr"])
+    assert lr_line.split()[1:] == ["0.001", "0.01"]
+    assert "best val_accuracy" in result.stdout and "final val_loss" in result.stdout
+    assert plot.read_bytes().startswith(PNG_MAGIC)
