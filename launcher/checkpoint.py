@@ -117,6 +117,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Weights as safetensors on the CPU: what checkpoints and final/ hold, loadable without unpickling."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path),
+              metadata={"format": "pt"})
+
+
 def capture_rng() -> dict:
     """This process's RNG states as tensors and numbers (loadable with weights_only=True)."""
     version, mt_state, gauss = random.getstate()
@@ -191,8 +197,7 @@ class CheckpointManager:
         payload = asdict(state)
         payload["train_stats"] = train_stats  # one entry per rank
         files = {
-            "model.safetensors": lambda p: save_file(
-                {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, p, metadata={"format": "pt"}),
+            "model.safetensors": lambda p: save_weights(model_state, p),
             "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
             "rng.pt": lambda p: torch.save({"ranks": rng_states}, p),
             TRAINER_STATE: lambda p: Path(p).write_text(json.dumps(payload, indent=1)),

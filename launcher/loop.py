@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import time
 import warnings
@@ -32,8 +33,10 @@ from tqdm.auto import tqdm
 from launcher.checkpoint import (
     CheckpointManager,
     TrainerState,
+    checkpoint_name,
     load_checkpoint,
     restore_rng,
+    save_weights,
     write_json_atomic,
     write_text_atomic,
 )
@@ -527,8 +530,6 @@ def _save(run: _Run, *, reason: str, best: bool = False) -> None:
     acc, state = run.accelerator, run.state
     state.reason = reason
     if best:
-        from launcher.checkpoint import checkpoint_name
-
         state.best_checkpoint = checkpoint_name(state.global_step)
     path = run.manager.save(
         state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
@@ -547,13 +548,10 @@ def _write_final(run: _Run) -> None:
         return
     weights = acc.get_state_dict(run.model)
     if acc.is_main_process:
-        from safetensors.torch import save_file
-
         final = run.output_dir / "final"
         final.mkdir(parents=True, exist_ok=True)
         tmp = final / ".model.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
-                  metadata={"format": "pt"})
+        save_weights(weights, tmp)
         tmp.replace(final / "model.safetensors")
         write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
                                                          "global_step": run.state.global_step})
@@ -561,8 +559,6 @@ def _write_final(run: _Run) -> None:
 
 
 def _json_line(row: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(row) + "\n"
 
 
