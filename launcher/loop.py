@@ -18,6 +18,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from collections.abc import Mapping  # isinstance against typing.Mapping is several times slower, per batch
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -183,11 +184,38 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
     return stats.reduce()
 
 
-class _Run:
-    """The state of one `fit` call, so the loop below reads as steps rather than bookkeeping."""
+@dataclass
+class FitRun:
+    """Everything one `fit` call works with, so the loop below reads as steps rather than bookkeeping.
 
-    def __init__(self, **kw: Any):
-        self.__dict__.update(kw)
+    The first block is fixed once Accelerate has prepared the objects; `state` is what a checkpoint saves;
+    the last block is transient per-launch bookkeeping that no checkpoint holds.
+    """
+
+    # Prepared objects and options, fixed for the whole call.
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared (DDP-wrapped etc.); accelerator.unwrap_model gives the plain one
+    optimizer: Any  # accelerate's AcceleratedOptimizer
+    plateau: ReduceLROnPlateau | None  # stepped once per epoch with the monitored metric
+    step_sched: Any  # accelerate-wrapped per-step scheduler (None with plateau or no schedule)
+    per_sample: Callable[[Any, torch.Tensor], torch.Tensor]  # per-sample losses of (outputs, targets)
+    num_classes: int
+    unpack: UnpackBatch
+    max_grad_norm: float | None
+    log_every: int  # optimizer steps between training-loss logs
+    tracker: Tracker
+    progress: bool  # show a progress bar on each node's local main process
+    save_every_steps: int | None
+    output_dir: Path | None  # None: nothing is written
+    # What a checkpoint saves and a resume restores.
+    state: TrainerState
+    # Per-launch bookkeeping.
+    manager: CheckpointManager | None = None  # None when output_dir is None
+    rng_to_restore: dict | None = None  # a mid-epoch resume restores the RNG after the loader's first draw
+    resumed_stats: dict | None = None  # partial-epoch training statistics of this rank, from the checkpoint
+    last_checkpoint: Path | None = None  # the folder the latest save wrote
+    train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
+    log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
 
 
 def fit(
@@ -250,14 +278,13 @@ def fit(
     plateau = sched if isinstance(sched, ReduceLROnPlateau) else None
     step_sched = accelerator.prepare_scheduler(sched) if sched is not None and plateau is None else None
 
-    run = _Run(
+    run = FitRun(
         accelerator=accelerator, model=model, optimizer=optimizer, plateau=plateau, step_sched=step_sched,
         per_sample=per_sample_loss_fn(loss_fn), num_classes=num_classes, unpack=unpack_batch,
         max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
         save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
-        manager=None, rng_to_restore=None, resumed_stats=None,
     )
     if run.output_dir is not None:
         if accelerator.is_main_process:
@@ -304,7 +331,7 @@ def fit(
             dist.destroy_process_group()
 
 
-def _resume(run: _Run, path: Path) -> None:
+def _resume(run: FitRun, path: Path) -> None:
     acc = run.accelerator
     state, rng, stats = load_checkpoint(
         path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
@@ -333,7 +360,7 @@ def _resume(run: _Run, path: Path) -> None:
               f"{run.state.batches_done} batches into the epoch)")
 
 
-def _train_epoch(run: _Run, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
+def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
     """Train one epoch (or its rest after a resume). Returns False when the ranks agreed to stop."""
     acc, model, optimizer, state = run.accelerator, run.model, run.optimizer, run.state
     stats = ConfusionStats(run.num_classes, acc.device)
@@ -463,7 +490,7 @@ class _EpochClock:
         self.state.train_stats = stats.state_dict() if stats is not None else None
 
 
-def _log_train(run: _Run, stats: ConfusionStats, clock: _EpochClock, epoch_progress: float, bar: Any) -> None:
+def _log_train(run: FitRun, stats: ConfusionStats, clock: _EpochClock, epoch_progress: float, bar: Any) -> None:
     """One host read per log interval: this process's mean training loss since the last log."""
     acc, c = run.accelerator, run.num_classes
     loss_sum, seen = torch.stack([stats.buffer[-1], stats.buffer[: c * c].sum()]).tolist()
@@ -478,7 +505,7 @@ def _log_train(run: _Run, stats: ConfusionStats, clock: _EpochClock, epoch_progr
     run.log_mark = (now, clock.samples, loss_sum, seen)
 
 
-def _validate_and_record(run: _Run, val_loader: Any, epoch: int, best_metric: str) -> dict:
+def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: str) -> dict:
     acc, state = run.accelerator, run.state
     started = time.perf_counter()
     val = evaluate(run.model, val_loader, run.per_sample, num_classes=run.num_classes, accelerator=acc,
@@ -512,7 +539,7 @@ def _validate_and_record(run: _Run, val_loader: Any, epoch: int, best_metric: st
     return row
 
 
-def _update_best_and_patience(run: _Run, row: dict, best_metric: str, mode: str, min_delta: float,
+def _update_best_and_patience(run: FitRun, row: dict, best_metric: str, mode: str, min_delta: float,
                               patience: int | None) -> bool:
     state = run.state
     if _better(row[best_metric], state.best_value, mode, min_delta):
@@ -522,7 +549,7 @@ def _update_best_and_patience(run: _Run, row: dict, best_metric: str, mode: str,
     return patience is not None and state.bad_epochs >= patience
 
 
-def _save(run: _Run, *, reason: str, best: bool = False) -> None:
+def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     """Write a checkpoint (every rank calls this); at epoch ends, also maintain best/ and rotation."""
     run.last_checkpoint = None
     if run.manager is None:
@@ -540,7 +567,7 @@ def _save(run: _Run, *, reason: str, best: bool = False) -> None:
     run.manager.rotate(protect=state.best_checkpoint)
 
 
-def _write_final(run: _Run) -> None:
+def _write_final(run: FitRun) -> None:
     """final/model.safetensors: the weights at the end of training, written atomically by rank 0."""
     acc = run.accelerator
     acc.wait_for_everyone()
