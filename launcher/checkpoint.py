@@ -65,6 +65,7 @@ class TrainerState:
     train_seconds: float = 0.0
     world_size: int = 1
     reason: str = ""
+    finished: str = ""  # "completed" or "early-stopped" in the checkpoint that ends the run
     config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
