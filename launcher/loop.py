@@ -338,7 +338,7 @@ def fit(
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
             row = _validate_and_record(run, val_loader, epoch, best_metric)
-            _check_finite(run, {"validation": row["val_loss"], "training": row["train_loss"]})
+            _check_finite(run, {"training": row["train_loss"], "validation": row["val_loss"]})  # row written
             stop_early = _update_best_and_patience(run, row, best_metric, best_mode, min_delta,
                                                    early_stopping_patience)
             if run.plateau is not None:
@@ -541,7 +541,6 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             _save(run, reason="step")
     bar.close()
     run.train_metrics = stats.reduce()
-    _check_finite(run, {"training": run.train_metrics.loss})
     clock.snapshot(None)
     return True
 
