@@ -289,7 +289,11 @@ def fit(
     resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
     config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
-    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1.
+    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1, and
+    `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md).
+    A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
+    topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
+    it is missing or stale).
     """
     accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed)
     if scheduler is not None and accelerator.step_scheduler_with_optimizer:
