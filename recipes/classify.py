@@ -26,7 +26,7 @@ from launcher.checkpoint import load_model_weights, write_json_atomic
 from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
-from launcher.loop import use_cpu
+from launcher.loop import finite_or_none, use_cpu
 from launcher.models import build_model
 from launcher.relaunch import (
     choose_checkpoint,
@@ -61,14 +61,22 @@ def setup_relaunch(given: dict, config: TrainConfig, output_dir: Path) -> tuple[
     return config, checkpoint, state
 
 
-def setup_branch(config: TrainConfig, checkpoint: Path | None, output_dir: Path) -> None:
-    """Resuming an older checkpoint of this folder: rank 0 sets the newer ones aside (never deletes them)."""
+def setup_branch(config: TrainConfig, checkpoint: Path | None, output_dir: Path) -> Path | None:
+    """Resuming an older checkpoint of this folder: rank 0 sets the newer ones aside (never deletes them).
+
+    Returns the checkpoint's real folder: checkpoints/best may be re-pointed to follow the new branch.
+    """
+    if checkpoint is None or config.eval_only:
+        return checkpoint
     state = PartialState()
-    if checkpoint is not None and not config.eval_only and state.is_main_process:
-        folder = set_aside_newer(checkpoint, output_dir)
+    real = checkpoint.resolve() if checkpoint.is_symlink() else checkpoint
+    state.wait_for_everyone()  # every rank has followed the link before rank 0 may move it
+    if state.is_main_process:
+        folder = set_aside_newer(real, output_dir)
         if folder is not None:
-            print(describe_abandoned(folder, checkpoint))
+            print(describe_abandoned(folder, real))
     state.wait_for_everyone()
+    return real
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
@@ -133,7 +141,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
                        accelerator=accelerator, prepare=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        row = {k: v for k, v in metrics.as_row("val").items()}
+        row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
         write_json_atomic(output_dir / "eval.json", {**row, "world_size": accelerator.num_processes,
                                                      "checkpoint": str(checkpoint),
                                                      "class_names": list(data.class_names)})
@@ -162,7 +170,7 @@ def train(argv: list[str] | None = None) -> None:
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers)
     # Everything is validated: from here on the output folder is written.
-    setup_branch(config, checkpoint, output_dir)
+    checkpoint = setup_branch(config, checkpoint, output_dir)
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
                             resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
                             history=resumed.get("history"))
