@@ -42,6 +42,9 @@ TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
 # Test-only fault injection: kill this process halfway through writing the checkpoint of this step.
 FAULT_ENV = "LAUNCHER_TEST_KILL_DURING_SAVE_AT_STEP"
+# Test-only: the ranks listed here (comma-separated RANK values) see no checkpoint in an output folder, as a
+# node with a stale view of a shared file system might (NFS attribute caching after a requeue).
+STALE_VIEW_ENV = "LAUNCHER_TEST_STALE_VIEW_RANKS"
 
 
 class CheckpointError(Exception):
@@ -65,6 +68,7 @@ class TrainerState:
     train_seconds: float = 0.0
     world_size: int = 1
     reason: str = ""
+    finished: str = ""  # "completed" or "early-stopped" in the checkpoint that ends the run
     config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -301,6 +305,8 @@ def validate(path: str | os.PathLike) -> dict:
 
 def latest_valid(output_dir: str | os.PathLike, *, warn: bool = True) -> Path | None:
     """The newest checkpoint that validates; broken newer ones are skipped with a warning naming them."""
+    if os.environ.get("RANK", "0") in os.environ.get(STALE_VIEW_ENV, "").split(","):
+        return None
     for name in reversed(list_checkpoints(output_dir)):
         path = checkpoints_dir(output_dir) / name
         try:

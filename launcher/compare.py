@@ -1,5 +1,7 @@
 """`launcher compare RUN_DIR [RUN_DIR ...] [--plot FILE]`: compare training runs from their local files.
 
+A sweep folder (one subfolder per task, as `launcher submit --sweep` writes) stands for all its tasks.
+
 Reads each run's metrics.jsonl (one row per completed epoch) and config.json (the resolved config under
 "config" and the run facts under "run_info"), prints one column per run: the config values that differ
 between the runs, then epochs, best and final validation metrics and training time. `--plot FILE` writes
@@ -37,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launcher compare", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (--output-dir)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="training output folders (--output-dir), or a sweep folder holding them")
     parser.add_argument("--plot", metavar="FILE", help="write the learning curves of all runs to this PNG")
     return parser
 
@@ -242,11 +245,24 @@ def plot_curves(runs: list[Run], path: Path) -> None:
         plt.close(fig)
 
 
+def expand_sweeps(args: list[str]) -> list[str]:
+    """A sweep folder (`launcher submit --sweep` writes one subfolder per task) stands for its task folders:
+    a folder without metrics.jsonl whose subfolders have one."""
+    expanded: list[str] = []
+    for arg in args:
+        path = Path(arg)
+        tasks = sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file()) \
+            if path.is_dir() and not (path / "metrics.jsonl").exists() else []
+        expanded += [str(p) for p in tasks] or [arg]
+    return expanded
+
+
 def compare_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     plot_path = _check_plot_path(args.plot) if args.plot else None
-    runs = [load_run(arg) for arg in args.runs]
-    _unique_labels(runs, args.runs)
+    run_args = expand_sweeps(args.runs)
+    runs = [load_run(arg) for arg in run_args]
+    _unique_labels(runs, run_args)
     print(render_table(runs))
     if plot_path is not None:
         plot_curves(runs, plot_path)

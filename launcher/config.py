@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 import typing
@@ -18,10 +19,21 @@ from typing import Any
 import yaml
 
 from launcher.errors import UsageError
+from launcher.metrics import VAL_METRIC_NAMES
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+# What a relaunch (a resume, or --eval-only of a checkpoint) may do with each key; see docs/relaunch.md.
+#   fixed:            defines the data, the model or the optimisation: taken from the checkpoint when not
+#                     given, refused when given with another value
+#   apply:            a later launch may change it; the change applies from now on, with one notice
+#   refuse-mid-epoch: applied at an epoch boundary (the schedule is re-planned), refused mid-epoch
+#   launch:           says how this launch starts; never compared, never taken from the checkpoint
+RELAUNCH_RULES = ("fixed", "apply", "refuse-mid-epoch", "launch")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, relaunch: str = "apply") -> Any:
+    assert relaunch in RELAUNCH_RULES, relaunch
+    return field(default=default, metadata={"help": help, "choices": choices, "relaunch": relaunch})
 
 
 @dataclass
@@ -31,39 +43,50 @@ class TrainConfig:
         "digits",
         "'digits' (embedded, no network), a local path (imagefolder/csv/parquet/json/saved datasets "
         "folder) or a name for datasets.load_dataset",
+        relaunch="fixed",
     )
-    image_column: str | None = _opt(None, "column holding the inputs (default: auto-detect)")
-    label_column: str | None = _opt(None, "column holding the class labels (default: auto-detect)")
+    image_column: str | None = _opt(None, "column holding the inputs (default: auto-detect)", relaunch="fixed")
+    label_column: str | None = _opt(None, "column holding the class labels (default: auto-detect)",
+                                    relaunch="fixed")
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
-                                    "when the dataset has no validation split")
+                                    "when the dataset has no validation split", relaunch="fixed")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
     # model
-    model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)")
+    model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)",
+                      relaunch="fixed")
     # optimisation
     epochs: int = _opt(10, "number of epochs")
-    batch_size: int = _opt(64, "batch size per process")
+    batch_size: int = _opt(64, "batch size per process", relaunch="refuse-mid-epoch")
     eval_batch_size: int | None = _opt(None, "evaluation batch size per process (default: --batch-size)")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    scheduler: str = _opt("cosine", "learning-rate schedule", ("cosine", "constant", "plateau"))
-    warmup_steps: int = _opt(0, "linear warm-up, in optimizer steps (cosine/constant)")
-    plateau_patience: int = _opt(2, "epochs without improvement before --scheduler plateau cuts the LR")
-    plateau_factor: float = _opt(0.5, "factor --scheduler plateau multiplies the LR by")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)", relaunch="fixed")
+    weight_decay: float = _opt(0.01, "AdamW weight decay", relaunch="fixed")
+    scheduler: str = _opt("cosine", "learning-rate schedule", ("cosine", "constant", "plateau"),
+                          relaunch="fixed")
+    warmup_steps: int = _opt(0, "linear warm-up, in optimizer steps (cosine/constant)", relaunch="fixed")
+    plateau_patience: int = _opt(2, "epochs without improvement before --scheduler plateau cuts the LR",
+                                 relaunch="fixed")
+    plateau_factor: float = _opt(0.5, "factor --scheduler plateau multiplies the LR by", relaunch="fixed")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)",
+                           relaunch="refuse-mid-epoch")
     max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (0 or omitted: no clipping)")
-    seed: int = _opt(0, "seed for weights, data order and the validation split")
+    # One seed for the split and the weights: a relaunch keeps it (the split must not move under a run).
+    seed: int = _opt(0, "seed for weights, data order and the validation split", relaunch="fixed")
     # validation, early stopping, best checkpoint
     best_metric: str = _opt("val_accuracy", "validation metric for early stopping, plateau LR and the best "
-                                        "checkpoint")
-    best_mode: str = _opt("max", "whether --best-metric improves upward or downward", ("max", "min"))
+                                            "checkpoint", VAL_METRIC_NAMES, relaunch="fixed")
+    best_mode: str = _opt("max", "whether --best-metric improves upward or downward", ("max", "min"),
+                          relaunch="fixed")
     early_stopping_patience: int | None = _opt(None, "stop after this many epochs without improvement")
     # output, checkpoints, resume
-    output_dir: str | None = _opt(None, "where metrics, checkpoints and final weights go (default: runs/<time>)")
+    output_dir: str | None = _opt(None, "where metrics, checkpoints and final weights go (default: runs/<time>)",
+                                  relaunch="launch")
     resume: str = _opt("auto", "'auto' (newest valid checkpoint in --output-dir, else start fresh), "
-                               "'never' (refuse a non-empty --output-dir) or a checkpoint folder")
+                               "'never' (refuse a non-empty --output-dir) or a checkpoint folder",
+                       relaunch="launch")
     save_every_steps: int | None = _opt(None, "also checkpoint every N optimizer steps (mid-epoch)")
     keep_last: int = _opt(3, "number of newest checkpoints to keep (the best one is always kept)")
-    eval_only: bool = _opt(False, "evaluate the weights of --resume CHECKPOINT_DIR and write eval.json")
+    eval_only: bool = _opt(False, "evaluate the weights of --resume CHECKPOINT_DIR and write eval.json",
+                           relaunch="launch")
     log_every: int = _opt(50, "log the training loss every N optimizer steps")
     # W&B
     wandb_mode: str | None = _opt(None, "online, offline or disabled (default: online when W&B credentials "
@@ -98,6 +121,15 @@ class TrainConfig:
             raise UsageError("--warmup-steps works with --scheduler cosine or constant, not plateau")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise UsageError("--early-stopping-patience must be at least 1")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise UsageError(f"--plateau-factor must be between 0 and 1: the LR is multiplied by it on a plateau "
+                             f"(got {self.plateau_factor})")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise UsageError(f"--max-grad-norm must be 0 (no clipping) or positive (got {self.max_grad_norm})")
+        if not self.weight_decay >= 0 or self.plateau_patience < 0:
+            raise UsageError("--weight-decay and --plateau-patience cannot be negative")
+        if not math.isfinite(self.lr):
+            raise UsageError(f"--lr must be a finite number (got {self.lr})")
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
         for name in _field_types():
@@ -204,10 +236,20 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Type-check a YAML value against the field's annotation."""
+    """Type-check a YAML value against the field's annotation.
+
+    A string is parsed exactly as the command line parses it: YAML 1.1 reads `lr: 3e-4` (no dot) as the
+    string '3e-4', and `epochs: "5"` is a string too.
+    """
     if value is None:
         return None
     kind = _base_type(_field_types()[name])
+    if isinstance(value, str) and kind in (int, float, bool):
+        parse = _parse_bool if kind is bool else _parse_optional(kind)
+        try:
+            return parse(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise UsageError(f"config key {name!r} must be {kind.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list and isinstance(value, str):
@@ -219,13 +261,26 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
-    """defaults < --config FILE.yaml < command-line flags. Raises UsageError on any bad input."""
+def parse_values(argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
+    """The keys given explicitly (--config FILE.yaml < command-line flags), typed; defaults left out.
+
+    A relaunch needs to know what was given: keys not given come from the checkpoint (launcher.relaunch).
+    """
     args = vars(build_parser(description).parse_args(argv))
     config_file = args.pop("config", None)
     values = {k: _coerce(k, v) for k, v in load_yaml(config_file).items()} if config_file else {}
     values.update(args)
-    return TrainConfig(**values)
+    return values
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """defaults < --config FILE.yaml < command-line flags. Raises UsageError on any bad input."""
+    return TrainConfig(**parse_values(argv, description))
+
+
+def relaunch_rule(name: str) -> str:
+    """The key's rule for a relaunch (see RELAUNCH_RULES)."""
+    return _fields()[name].metadata.get("relaunch", "apply")
 
 
 def wandb_credentials_configured() -> bool:

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,9 +42,10 @@ from launcher.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from launcher.errors import EXIT_PREEMPTED
-from launcher.metrics import ClassificationMetrics, ConfusionStats
+from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED
+from launcher.metrics import VAL_METRIC_NAMES, ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
+from launcher.schedulers import replan
 from launcher.tracking import NullTracker, Tracker
 
 Batch = Any
@@ -58,6 +60,21 @@ class Preempted(SystemExit):
         self.checkpoint = checkpoint
 
 
+class Diverged(SystemExit):
+    """Raised by `fit` when a training or validation loss is not finite; exits with EXIT_DIVERGED.
+
+    Checked where the loop reads losses anyway (log interval, mid-epoch save, epoch end), never per step;
+    nothing is saved from that point on, so `checkpoints/best` never points at diverged weights.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(EXIT_DIVERGED)
+        self.message, self.step = message, step
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: Any) -> Accelerator:
     """The Accelerator `fit` expects; mixed precision and topology come from `accelerate launch`.
 
@@ -70,10 +87,16 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: 
       with the GPU's stream on every batch, so the CPU could never run ahead of the GPU (pair it with
       `pin_memory=True` in the DataLoader, as launcher.data.make_loader does when CUDA is available).
     """
-    kwargs.setdefault("cpu", not (torch.cuda.is_available() or _has_other_accelerator()))
+    kwargs.setdefault("cpu", use_cpu())
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
                                                                    non_blocking=True))
     return Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+
+
+def use_cpu() -> bool:
+    """Whether this machine trains on CPUs (gloo); `PartialState(cpu=use_cpu())` starts the process group
+    the same way make_accelerator would, for work that must happen before the Accelerator is built."""
+    return not (torch.cuda.is_available() or _has_other_accelerator())
 
 
 def _has_other_accelerator() -> bool:
@@ -216,6 +239,7 @@ class FitRun:
     last_checkpoint: Path | None = None  # the folder the latest save wrote
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
+    resumed_from: Path | None = None  # the checkpoint this launch continues
 
 
 def fit(
@@ -265,12 +289,18 @@ def fit(
     resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
     config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
-    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1.
+    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1, and
+    `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md).
+    A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
+    topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
+    it is missing or stale).
     """
     accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed)
     if scheduler is not None and accelerator.step_scheduler_with_optimizer:
         raise ValueError("fit steps the scheduler itself: build the Accelerator with "
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
+    if best_metric not in VAL_METRIC_NAMES:
+        raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
     tracker = tracker if tracker is not None else NullTracker()
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
@@ -293,10 +323,18 @@ def fit(
         run.manager.clean_stale()
     if resume_from is not None:
         _resume(run, Path(resume_from))
+        _replan_schedule(run, planned_steps(run.state, len(train_loader), accelerator.gradient_accumulation_steps,
+                                            epochs))
+    finished = finished_reason(run.state, epochs, early_stopping_patience, best_metric)
 
     watch = PreemptionWatch()
     exit_code = 1
     try:
+        if finished:
+            _finish_finished(run, finished, epochs, early_stopping_patience)
+            exit_code = 0
+            return run.state.history
+        run.state.finished = ""  # a relaunch that trains further: the run is no longer finished
         while run.state.epoch < epochs:
             epoch = run.state.epoch
             if not _train_epoch(run, train_loader, epoch, epochs, watch):
@@ -304,12 +342,15 @@ def fit(
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
             row = _validate_and_record(run, val_loader, epoch, best_metric)
+            _check_finite(run, {"training": row["train_loss"], "validation": row["val_loss"]})  # row written
             stop_early = _update_best_and_patience(run, row, best_metric, best_mode, min_delta,
                                                    early_stopping_patience)
             if run.plateau is not None:
                 run.plateau.step(row[best_metric])
             run.state.epoch, run.state.batches_done = epoch + 1, 0
             run.state.train_stats, run.state.epoch_seconds, run.state.train_seconds = None, 0.0, 0.0
+            if stop_early or run.state.epoch >= epochs:
+                run.state.finished = "early-stopped" if stop_early else "completed"  # recorded, see finished_reason
             _save(run, reason="epoch", best=row["epoch"] == run.state.best_epoch)
             if stop_early:
                 accelerator.print(f"early stopping: {best_metric} has not improved for "
@@ -321,10 +362,15 @@ def fit(
         _write_final(run)
         exit_code = 0
         return run.state.history
+    except Diverged as err:
+        exit_code = EXIT_DIVERGED
+        if accelerator.is_main_process:
+            print(f"diverged: {err}", file=sys.stderr, flush=True)
+        raise
     finally:
         watch.close()
         tracker.finish(run.state.history, exit_code)
-        if exit_code == EXIT_PREEMPTED and dist.is_available() and dist.is_initialized():
+        if exit_code in (EXIT_PREEMPTED, EXIT_DIVERGED) and dist.is_available() and dist.is_initialized():
             # The process is about to exit: leave together and tear the group down, so that no rank drops
             # a connection a peer still uses and torchrun's exit barrier is clean.
             dist.barrier()
@@ -350,7 +396,7 @@ def _resume(run: FitRun, path: Path) -> None:
     run.state = TrainerState(**{**state.__dict__, "world_size": acc.num_processes,
                                 "config": run.state.config or state.config,
                                 "extra": {**state.extra, **run.state.extra}})
-    run.rng_to_restore, run.resumed_stats = rng, stats
+    run.rng_to_restore, run.resumed_stats, run.resumed_from = rng, stats, path
     if rng is not None and run.state.batches_done == 0:
         restore_rng(rng)  # the next epoch starts exactly where the saved run would have started it
         run.rng_to_restore = None
@@ -358,6 +404,87 @@ def _resume(run: FitRun, path: Path) -> None:
         _rewrite_metrics(run.output_dir, run.state.history)
     acc.print(f"resumed from {path} (epoch {run.state.epoch + 1}, step {run.state.global_step}, "
               f"{run.state.batches_done} batches into the epoch)")
+
+
+def planned_steps(state: TrainerState, batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
+    """Optimizer steps at the end of the run as this launch plans it: the steps taken, the rest of the epoch
+    in progress and the epochs still to come, on this launch's topology and batch size.
+
+    A relaunch with the flags and world size it was trained with plans exactly `steps_per_epoch * epochs`.
+    """
+    if state.epoch >= epochs:
+        return state.global_step
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    rest_of_epoch = math.ceil(max(batches_per_epoch - state.batches_done, 0) / grad_accum)
+    return state.global_step + rest_of_epoch + steps_per_epoch * (epochs - state.epoch - 1)
+
+
+def _replan_schedule(run: FitRun, total_steps: int) -> None:
+    """The resumed schedule follows the plan of this launch (more epochs, another world or batch size)."""
+    if run.step_sched is None:
+        return
+    changed = replan(run.step_sched.scheduler, total_steps)
+    if changed is not None:
+        old_total, before, after = changed
+        run.accelerator.print(f"relaunch: the LR schedule is re-planned to end at step {total_steps} (it ended "
+                              f"at step {old_total}); at step {run.state.global_step} the LR goes from "
+                              f"{before:.3g} to {after:.3g} and follows the schedule from there")
+
+
+def finished_reason(state: TrainerState, epochs: int, patience: int | None, best_metric: str) -> str:
+    """Why a resumed run has nothing left to do under this launch's --epochs and patience ('' otherwise)."""
+    if state.batches_done:
+        return ""
+    if state.epoch >= epochs:
+        return f"it has trained {state.epoch} epochs and --epochs is {epochs}"
+    if patience is not None and state.bad_epochs >= patience:
+        return (f"it stopped early at epoch {state.epoch}: {best_metric} has not improved for "
+                f"{state.bad_epochs} epochs and --early-stopping-patience is {patience}")
+    return ""
+
+
+def _finish_finished(run: FitRun, reason: str, epochs: int, patience: int | None) -> None:
+    """A relaunch of a finished run changes nothing; it only completes final/ when a kill interrupted it."""
+    acc, state = run.accelerator, run.state
+    how = (f"--epochs more than {state.epoch}" if state.epoch >= epochs else
+           f"--early-stopping-patience more than {state.bad_epochs} (and --epochs more than {state.epoch} "
+           f"if needed)")
+    if _final_is_current(run):
+        acc.print(f"nothing to do: the run in {run.output_dir} is finished ({reason}); final/ is unchanged. "
+                  f"To train further, relaunch with {how}")
+        return
+    acc.print(f"the run in {run.output_dir} is finished ({reason}); writing final/ from {run.resumed_from}")
+    _write_final(run)
+
+
+def _final_is_current(run: FitRun) -> bool:
+    """final/ holds this run's weights at its last step (a kill after the last checkpoint leaves it stale)."""
+    if run.output_dir is None:
+        return True
+    try:
+        saved = json.loads((run.output_dir / "final" / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = run.output_dir / "final" / "model.safetensors"
+    return saved.get("global_step") == run.state.global_step and weights.is_file()
+
+
+def _check_finite(run: FitRun, losses: Mapping[str, float]) -> None:
+    """Stop the run (Diverged) when a loss that every rank agrees on is not finite."""
+    for what, value in losses.items():
+        if not math.isfinite(value):
+            raise Diverged(f"the {what} loss is {value} at step {run.state.global_step} (epoch {run.state.epoch + 1}); "
+                           f"nothing was saved from this point; lower --lr or clip gradients (--max-grad-norm), and "
+                           f"start a fresh run or --resume an earlier checkpoint", run.state.global_step)
+
+
+def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
+    """The training loss so far, agreed across ranks (one tiny all-reduce; only where the loop syncs anyway)."""
+    bad = (~torch.isfinite(stats.buffer[-1:])).to(stats.buffer.dtype)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        _check_finite(run, {"training": float("nan")})
 
 
 def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
@@ -404,6 +531,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             run.step_sched.step()
         state.global_step += 1
         if state.global_step % run.log_every == 0:
+            _check_finite_local(run, stats)
             _log_train(run, stats, clock, epoch + state.batches_done / total_batches, bar)
         if state.batches_done == total_batches:
             continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
@@ -412,6 +540,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             bar.close()
             return False
         if should_save_step(state.global_step, run.save_every_steps):
+            _check_finite_local(run, stats)  # a checkpoint of diverged weights would be resumed
             clock.snapshot(stats)
             _save(run, reason="step")
     bar.close()
@@ -522,9 +651,6 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: 
         "samples_per_second": run.train_metrics.samples / state.train_seconds if state.train_seconds else 0.0,
         "world_size": acc.num_processes,
     }
-    if best_metric not in row:
-        raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of "
-                         f"{', '.join(k for k in row if k.startswith('val_') and k != 'val_confusion_matrix')}")
     state.history.append(row)
     if acc.is_main_process:
         if run.output_dir is not None:
@@ -581,12 +707,25 @@ def _write_final(run: FitRun) -> None:
         save_weights(weights, tmp)
         tmp.replace(final / "model.safetensors")
         write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
-                                                         "global_step": run.state.global_step})
+                                                         "global_step": run.state.global_step,
+                                                         "finished": run.state.finished})
     acc.wait_for_everyone()
 
 
 def _json_line(row: Mapping[str, Any]) -> str:
-    return json.dumps(row) + "\n"
+    """Strict JSON (RFC 8259 has no NaN/Infinity): a non-finite value is written as null."""
+    return json.dumps(finite_or_none(row), allow_nan=False) + "\n"
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, in nested lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def _rewrite_metrics(output_dir: Path, history: list[dict]) -> None:

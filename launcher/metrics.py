@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 
 
+# The metrics of as_row("val") that can be monitored (best checkpoint, early stopping, plateau LR).
+VAL_METRIC_NAMES = ("val_accuracy", "val_loss", "val_precision", "val_recall", "val_f1")
+
+
 @dataclass(frozen=True)
 class ClassificationMetrics:
     loss: float

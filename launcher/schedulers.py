@@ -57,3 +57,28 @@ def from_name(name: str, *, warmup_steps: int = 0, mode: str = "max", factor: fl
     if name == "plateau":
         return reduce_on_plateau(mode, factor, patience)
     raise ValueError(f"unknown scheduler {name!r}: use cosine, constant or plateau")
+
+
+def replan(scheduler: LRScheduler | ReduceLROnPlateau | None, total_steps: int) -> tuple[int, float, float] | None:
+    """Give a resumed per-step schedule the length that this launch plans, in optimizer steps.
+
+    LambdaLR's state_dict saves the attributes of its callable lambdas, so loading a checkpoint restores the
+    `total_steps` of the launch that wrote it: a relaunch with more epochs would run them at the old end's
+    LR (0 for cosine). Returns (old total, LR before, LR after) when the plan changed, else None; the LR of
+    the next step is recomputed from the new plan.
+    """
+    if not isinstance(scheduler, LambdaLR):
+        return None
+    planned = [fn for fn in scheduler.lr_lambdas if isinstance(fn, _WarmupCosine)]
+    total_steps = max(total_steps, 1)
+    if not planned or all(fn.total_steps == total_steps for fn in planned):
+        return None
+    old_total = planned[0].total_steps
+    groups = scheduler.optimizer.param_groups
+    before = groups[0]["lr"]
+    for fn in planned:
+        fn.total_steps = total_steps
+    for group, base_lr, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+    return old_total, before, groups[0]["lr"]

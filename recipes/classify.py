@@ -18,24 +18,65 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from launcher import evaluate, fit, make_accelerator
-from launcher.checkpoint import load_model_weights, read_trainer_state, resolve_resume, write_json_atomic
-from launcher.config import TrainConfig, parse_config
+from launcher.checkpoint import load_model_weights, write_json_atomic
+from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
+from launcher.loop import finite_or_none, use_cpu
 from launcher.models import build_model
+from launcher.relaunch import (
+    choose_checkpoint,
+    describe_abandoned,
+    is_epoch_end,
+    reconcile,
+    set_aside_newer,
+    stored_config,
+)
 from launcher.schedulers import from_name
 from launcher.tracking import run_metadata, start_tracker
 
 
-def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
+def setup_output_dir(config: TrainConfig) -> Path:
     """Rank 0 picks the folder (a timestamp by default) and every rank uses the same one."""
     chosen = [str(config.resolved_output_dir())]
     broadcast_object_list(chosen, from_process=0)
     return Path(chosen[0])
+
+
+def setup_relaunch(given: dict, config: TrainConfig, output_dir: Path) -> tuple[TrainConfig, Path | None, dict]:
+    """The checkpoint rank 0 chose, and this launch's config checked against the one stored in it
+    (docs/relaunch.md): keys not given come from the checkpoint, changes are applied or refused."""
+    checkpoint = choose_checkpoint(config.resume, output_dir)
+    if checkpoint is None:
+        return config, None, {}
+    stored, state = stored_config(checkpoint)
+    config, notices = reconcile(given, stored, checkpoint=checkpoint, mid_epoch=not is_epoch_end(state),
+                                eval_only=config.eval_only)
+    for line in notices:
+        PartialState().print(line)
+    return config, checkpoint, state
+
+
+def setup_branch(config: TrainConfig, checkpoint: Path | None, output_dir: Path) -> Path | None:
+    """Resuming an older checkpoint of this folder: rank 0 sets the newer ones aside (never deletes them).
+
+    Returns the checkpoint's real folder: checkpoints/best may be re-pointed to follow the new branch.
+    """
+    if checkpoint is None or config.eval_only:
+        return checkpoint
+    state = PartialState()
+    real = checkpoint.resolve() if checkpoint.is_symlink() else checkpoint
+    state.wait_for_everyone()  # every rank has followed the link before rank 0 may move it
+    if state.is_main_process:
+        folder = set_aside_newer(real, output_dir)
+        if folder is not None:
+            print(describe_abandoned(folder, real))
+    state.wait_for_everyone()
+    return real
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
@@ -48,6 +89,10 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
             error = err
     if error is not None:
         raise error
+    if data.num_classes < 2:
+        raise UsageError(f"dataset {data.name} has {data.num_classes} class ({', '.join(data.class_names)}) in "
+                         f"--label-column {config.label_column or '(auto-detected)'}; classification needs at "
+                         f"least two: check the dataset and the label column")
     return data
 
 
@@ -77,6 +122,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "dataset": data.name,
         "model": config.model,
         "num_classes": num_classes,
+        "class_names": list(data.class_names),  # W&B's confusion matrix and eval.json name the classes
         "train_samples": len(data.train),
         "val_samples": len(data.val),
         "effective_batch_size": config.batch_size * accelerator.num_processes * config.grad_accum,
@@ -87,6 +133,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
 
 def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Path, data: DataSplits,
                   model: torch.nn.Module, checkpoint: Path, num_classes: int) -> None:
+    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config."""
     load_model_weights(model, checkpoint)
     loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                          num_workers=config.num_workers)
@@ -94,18 +141,21 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
                        accelerator=accelerator, prepare=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        row = {k: v for k, v in metrics.as_row("val").items()}
+        row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
         write_json_atomic(output_dir / "eval.json", {**row, "world_size": accelerator.num_processes,
-                                                     "checkpoint": str(checkpoint)})
+                                                     "checkpoint": str(checkpoint),
+                                                     "class_names": list(data.class_names)})
         print(f"eval of {checkpoint}: val_loss {metrics.loss:.4f} val_accuracy {metrics.accuracy:.4f} "
               f"val_f1 {metrics.f1:.4f} on {metrics.samples} samples -> {output_dir / 'eval.json'}")
 
 
 def train(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, description=__doc__)
+    given = parse_values(argv, description=__doc__)
+    config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
+    PartialState(cpu=use_cpu())  # the process group, so that rank 0 can decide for all
+    output_dir = setup_output_dir(config)
+    config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
-    output_dir = setup_output_dir(config, accelerator)
-    checkpoint = resolve_resume(config.resume, output_dir)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, data)
@@ -120,7 +170,7 @@ def train(argv: list[str] | None = None) -> None:
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers)
     # Everything is validated: from here on the output folder is written.
-    resumed = read_trainer_state(checkpoint) if checkpoint else {}
+    checkpoint = setup_branch(config, checkpoint, output_dir)
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
                             resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
                             history=resumed.get("history"))

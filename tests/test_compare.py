@@ -105,6 +105,18 @@ def test_a_torn_last_line_is_ignored_but_a_broken_middle_line_is_an_error(tmp_pa
         compare_main([str(run)])
 
 
+def test_a_sweep_folder_compares_its_task_folders(tmp_path, capsys):
+    """`launcher submit --sweep` writes runs/SWEEP/<task>/: the sweep folder stands for its tasks."""
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "lr=0.01", rows([0.6], [0.9]), lr=0.01)
+    make_run(sweep, "lr=0.1", rows([0.7], [0.8]), lr=0.1)
+    (sweep / "slurm-logs").mkdir()  # not a run: skipped
+    assert cli_main(["compare", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert out.split()[:2] == ["lr=0.01", "lr=0.1"]
+    assert parse_table(out)["lr"] == ["0.01", "0.1"]
+
+
 def test_same_folder_names_get_their_paths_as_titles(tmp_path, capsys):
     a = make_run(tmp_path / "x", "run", rows([0.5], [1.0]), seed=1)
     b = make_run(tmp_path / "y", "run", rows([0.6], [0.9]), seed=2)

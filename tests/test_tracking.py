@@ -425,6 +425,7 @@ def test_recipe_two_processes_offline(tmp_path):
     config = TrainConfig().to_dict()
     assert set(config) <= set(run.config)
     assert run.config["world_size"] == 2 and run.config["slurm_job_id"] == 99
+    assert run.config["class_names"] == [str(i) for i in range(10)]  # what the confusion matrix is labelled with
     for key in ("num_nodes", "procs_per_node", "mixed_precision", "distributed_type", "run_dataset",
                 "num_classes", "seed", "slurm_array_job_id", "slurm_array_task_id"):
         assert key in run.config, key
