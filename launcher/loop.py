@@ -32,19 +32,26 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from launcher.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     TrainerState,
+    append_line_durable,
+    apply_checkpoint,
     checkpoint_name,
-    load_checkpoint,
+    first_error,
+    plain_state_dict,
+    read_checkpoint,
     restore_rng,
     save_weights,
     write_json_atomic,
     write_text_atomic,
 )
-from launcher.errors import EXIT_PREEMPTED
+from launcher.errors import EXIT_PREEMPTED, RunStopped, UsageError
+from launcher.lease import claim_for_ranks
 from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.tracking import NullTracker, Tracker
+from launcher.write_failures import main_writes, write_failed
 
 Batch = Any
 UnpackBatch = Callable[[Batch], tuple[Any, torch.Tensor]]
@@ -216,6 +223,7 @@ class FitRun:
     last_checkpoint: Path | None = None  # the folder the latest save wrote
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
+    write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
 
 
 def fit(
@@ -246,6 +254,7 @@ def fit(
     tracker: Tracker | None = None,
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
+    lease: Any = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -265,7 +274,12 @@ def fit(
     resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
     config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
-    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1.
+    lease: the claim on output_dir (launcher.lease.claim_for_ranks, on every rank) when the caller holds one
+        already, as the recipe does before it writes anything; otherwise fit claims output_dir itself for
+        the call (a folder in use raises FolderInUse, a UsageError) and releases it at the end.
+    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
+    `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
+    `LeaseLost` (73) when another run took output_dir over.
     """
     accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed)
     if scheduler is not None and accelerator.step_scheduler_with_optimizer:
@@ -286,17 +300,22 @@ def fit(
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
     )
-    if run.output_dir is not None:
-        if accelerator.is_main_process:
-            run.output_dir.mkdir(parents=True, exist_ok=True)
-        run.manager = CheckpointManager(run.output_dir, keep_last=keep_last, is_main=accelerator.is_main_process)
-        run.manager.clean_stale()
-    if resume_from is not None:
-        _resume(run, Path(resume_from))
-
+    own_lease = run.output_dir is not None and lease is None
+    if own_lease:
+        lease = claim_for_ranks(run.output_dir, is_main=accelerator.is_main_process)
     watch = PreemptionWatch()
     exit_code = 1
     try:
+        if run.output_dir is not None:
+            if accelerator.is_main_process:
+                run.output_dir.mkdir(parents=True, exist_ok=True)
+            run.manager = CheckpointManager(run.output_dir, keep_last=keep_last,
+                                            is_main=accelerator.is_main_process, lease=lease)
+            run.manager.clean_stale()
+        if resume_from is not None:
+            _resume(run, Path(resume_from))
+        elif run.output_dir is not None and accelerator.is_main_process and (run.output_dir / "metrics.jsonl").exists():
+            _rewrite_metrics(run.output_dir, [])  # rows of an attempt that never reached a checkpoint
         while run.state.epoch < epochs:
             epoch = run.state.epoch
             if not _train_epoch(run, train_loader, epoch, epochs, watch):
@@ -323,6 +342,8 @@ def fit(
         return run.state.history
     finally:
         watch.close()
+        if own_lease:
+            lease.release()
         tracker.finish(run.state.history, exit_code)
         if exit_code == EXIT_PREEMPTED and dist.is_available() and dist.is_initialized():
             # The process is about to exit: leave together and tear the group down, so that no rank drops
@@ -332,11 +353,22 @@ def fit(
 
 
 def _resume(run: FitRun, path: Path) -> None:
+    """Load the checkpoint on every rank, all or nothing: every rank checks everything first, and only
+    when all ranks could (one all-gather) does any rank apply it."""
     acc = run.accelerator
-    state, rng, stats = load_checkpoint(
-        path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
-        scaler=acc.scaler, rank=acc.process_index)
+    targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
+               "scheduler": run.step_sched.scheduler if run.step_sched is not None else run.plateau,
+               "scaler": acc.scaler}
+    loaded, error = None, None
+    try:
+        loaded = read_checkpoint(path, rank=acc.process_index, **targets)
+    except CheckpointError as err:
+        error = str(err)
+    error = first_error(error)
+    if error is not None:
+        raise UsageError(f"cannot resume from {path}: {error}")
+    apply_checkpoint(loaded, **targets)
+    state, rng, stats = loaded.state, loaded.rng, loaded.stats
     if state.world_size != acc.num_processes:
         if state.batches_done:
             # Per-process positions do not map one-to-one onto another world size: redo the epoch.
@@ -527,9 +559,11 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: 
                          f"{', '.join(k for k in row if k.startswith('val_') and k != 'val_confusion_matrix')}")
     state.history.append(row)
     if acc.is_main_process:
-        if run.output_dir is not None:
-            with open(run.output_dir / "metrics.jsonl", "a") as f:
-                f.write(_json_line(row))
+        if run.output_dir is not None and run.write_failure is None:
+            try:
+                append_line_durable(run.output_dir / "metrics.jsonl", _json_line(row))
+            except OSError as err:
+                run.write_failure = write_failed(err, run.output_dir, "metrics.jsonl")
         summary = (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
                    f"train_acc {row['train_accuracy']:.4f} | val_loss {row['val_loss']:.4f} "
                    f"val_acc {row['val_accuracy']:.4f} val_f1 {row['val_f1']:.4f} | lr {row['lr']:.2e} "
@@ -560,10 +594,9 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
         state.best_checkpoint = checkpoint_name(state.global_step)
     path = run.manager.save(
         state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler)
+        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler,
+        best=best, failure=run.write_failure)
     run.last_checkpoint = path
-    if best:
-        run.manager.mark_best(path.name)
     run.manager.rotate(protect=state.best_checkpoint)
 
 
@@ -573,16 +606,21 @@ def _write_final(run: FitRun) -> None:
     acc.wait_for_everyone()
     if run.output_dir is None:
         return
-    weights = acc.get_state_dict(run.model)
-    if acc.is_main_process:
-        final = run.output_dir / "final"
+    weights = plain_state_dict(acc.get_state_dict(run.model))
+    final = run.output_dir / "final"
+
+    def write() -> None:
         final.mkdir(parents=True, exist_ok=True)
         tmp = final / ".model.safetensors.tmp"
-        save_weights(weights, tmp)
-        tmp.replace(final / "model.safetensors")
+        try:
+            save_weights(weights, tmp)
+            tmp.replace(final / "model.safetensors")
+        finally:
+            tmp.unlink(missing_ok=True)
         write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
                                                          "global_step": run.state.global_step})
-    acc.wait_for_everyone()
+
+    main_writes(acc.is_main_process, final, "final weights", write)
 
 
 def _json_line(row: Mapping[str, Any]) -> str:

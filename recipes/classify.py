@@ -22,13 +22,21 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from launcher import evaluate, fit, make_accelerator
-from launcher.checkpoint import load_model_weights, read_trainer_state, resolve_resume, write_json_atomic
+from launcher.checkpoint import (
+    load_model_weights,
+    loadable_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    write_json_atomic,
+)
 from launcher.config import TrainConfig, parse_config
 from launcher.data import DataSplits, load_splits, make_loader
-from launcher.errors import EXIT_USAGE, UsageError
+from launcher.errors import EXIT_USAGE, RunStopped, UsageError
+from launcher.lease import claim_for_ranks
 from launcher.models import build_model
 from launcher.schedulers import from_name
 from launcher.tracking import run_metadata, start_tracker
+from launcher.write_failures import main_writes
 
 
 def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
@@ -105,6 +113,9 @@ def train(argv: list[str] | None = None) -> None:
     config = parse_config(argv, description=__doc__)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     output_dir = setup_output_dir(config, accelerator)
+    # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
+    lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=accelerator.is_main_process,
+                                                          force=config.force)
     checkpoint = resolve_resume(config.resume, output_dir)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
@@ -119,21 +130,24 @@ def train(argv: list[str] | None = None) -> None:
     train_loader = make_loader(data.train, config.batch_size, shuffle=True, num_workers=config.num_workers)
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers)
+    # A checkpoint that validates but does not fit this model: --resume auto falls back to an older one.
+    checkpoint = loadable_checkpoint(checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto",
+                                     output_dir=output_dir, is_main=accelerator.is_main_process)
     # Everything is validated: from here on the output folder is written.
     resumed = read_trainer_state(checkpoint) if checkpoint else {}
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
                             resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
                             history=resumed.get("history"))
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info})
+    main_writes(accelerator.is_main_process, output_dir, "config.json",
+                lambda: write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info}))
     fit(model, optimizer, train_loader, val_loader, torch.nn.CrossEntropyLoss(), epochs=config.epochs,
         num_classes=num_classes, accelerator=accelerator, scheduler=scheduler,
         max_grad_norm=config.max_grad_norm or None, best_metric=config.best_metric, best_mode=config.best_mode,
         early_stopping_patience=config.early_stopping_patience, output_dir=output_dir,
         save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
         config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
-        log_every=config.log_every, tracker=tracker)
+        log_every=config.log_every, tracker=tracker, lease=lease)
+    lease.release()
     accelerator.print(f"done: {output_dir}/final/model.safetensors")
 
 
@@ -145,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"classify.py: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
+    except RunStopped as err:  # raised together on every rank (a failed write, a lost claim)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"classify.py: error: {err}", file=sys.stderr)
+        code = err.exit_code
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave together: a rank that tears its group down while a peer is still writing files can take the
         # peer's connection down with it, and torchrun's exit barrier wants every node to finish cleanly.
