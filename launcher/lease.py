@@ -110,6 +110,7 @@ class OutputLease:
     run_id: str
     claim_file: Path
     heartbeat_seconds: float = HEARTBEAT_SECONDS
+    created_folder: bool = False  # the claim made the folder: a run that wrote nothing leaves none behind
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -146,6 +147,9 @@ class OutputLease:
                 os.unlink(self.path)
         with contextlib.suppress(OSError):
             os.unlink(self.claim_file)
+        if self.created_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)  # only when empty
 
 
 class NoLease:
@@ -183,6 +187,7 @@ def claim(folder: str | os.PathLike, *, force: bool = False, stale_seconds: floa
           heartbeat_seconds: float = HEARTBEAT_SECONDS) -> OutputLease:
     """Claim `folder` for this process (creating it), or raise FolderInUse naming the live holder."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     me = identity()
     run_id = uuid.uuid4().hex
@@ -193,7 +198,7 @@ def claim(folder: str | os.PathLike, *, force: bool = False, stale_seconds: floa
     try:
         for _ in range(5):
             if _linked(claim_file, lease):
-                held = OutputLease(folder, run_id, claim_file, heartbeat_seconds)
+                held = OutputLease(folder, run_id, claim_file, heartbeat_seconds, created)
                 held.start_heartbeat()
                 atexit.register(held.release)  # any exit that runs Python's exit handlers frees the folder
                 return held

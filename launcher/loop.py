@@ -46,7 +46,7 @@ from launcher.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from launcher.errors import EXIT_PREEMPTED, RunStopped, UsageError
+from launcher.errors import EXIT_PREEMPTED, LeaseLost, RunStopped, UsageError
 from launcher.lease import claim_for_ranks
 from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
@@ -561,7 +561,10 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: 
     if acc.is_main_process:
         if run.output_dir is not None and run.write_failure is None:
             try:
+                _check_lease(run)
                 append_line_durable(run.output_dir / "metrics.jsonl", _json_line(row))
+            except LeaseLost as err:
+                run.write_failure = err
             except OSError as err:
                 run.write_failure = write_failed(err, run.output_dir, "metrics.jsonl")
         summary = (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
@@ -600,6 +603,12 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     run.manager.rotate(protect=state.best_checkpoint)
 
 
+def _check_lease(run: FitRun) -> None:
+    """Raise LeaseLost when another run took the output folder over (rank 0; the others hold no lease)."""
+    if run.manager is not None and run.manager.lease is not None:
+        run.manager.lease.check()
+
+
 def _write_final(run: FitRun) -> None:
     """final/model.safetensors: the weights at the end of training, written atomically by rank 0."""
     acc = run.accelerator
@@ -610,6 +619,7 @@ def _write_final(run: FitRun) -> None:
     final = run.output_dir / "final"
 
     def write() -> None:
+        _check_lease(run)
         final.mkdir(parents=True, exist_ok=True)
         tmp = final / ".model.safetensors.tmp"
         try:

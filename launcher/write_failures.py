@@ -87,6 +87,8 @@ def main_writes(is_main: bool, path: Path, what: str, write: Callable[[], None])
     if is_main:
         try:
             write()
+        except RunStopped as err:  # e.g. LeaseLost from a check inside `write`
+            failure = err
         except Exception as err:  # noqa: BLE001 - any failure of the write is reported the same way
             failure = write_failed(err, path, what)
     agree(failure)
