@@ -87,6 +87,8 @@ class TrainConfig:
     keep_last: int = _opt(3, "number of newest checkpoints to keep (the best one is always kept)")
     eval_only: bool = _opt(False, "evaluate the weights of --resume CHECKPOINT_DIR and write eval.json",
                            relaunch="launch")
+    force: bool = _opt(False, "train even when another live run holds --output-dir (its claim is broken, "
+                              "with a warning; see docs/faults.md)", relaunch="launch")
     log_every: int = _opt(50, "log the training loss every N optimizer steps")
     # W&B
     wandb_mode: str | None = _opt(None, "online, offline or disabled (default: online when W&B credentials "
@@ -132,6 +134,8 @@ class TrainConfig:
             raise UsageError(f"--lr must be a finite number (got {self.lr})")
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
+        if self.force and self.eval_only:
+            raise UsageError("--force takes over a folder for training; --eval-only claims nothing, drop --force")
         for name in _field_types():
             meta = _fields()[name].metadata
             if meta.get("choices") and getattr(self, name) is not None and getattr(self, name) not in meta["choices"]:

@@ -1,6 +1,12 @@
-"""Exit codes and the one exception type that turns bad input into a one-line message."""
+"""Exit codes and the exception types that end a run with a one-line message instead of a traceback."""
 
 EXIT_USAGE = 2
+# EX_CANTCREAT from sysexits.h: another run took the output folder over while this one was running (a
+# `--force`d launch, or a lease broken as stale). This run stops before writing anything over it.
+EXIT_LEASE_LOST = 73
+# EX_IOERR from sysexits.h: a checkpoint, metrics line or final/ could not be written (disk full, I/O or
+# permission error). Every earlier checkpoint is intact; free the space and run again with --resume auto.
+EXIT_WRITE_FAILED = 74
 # EX_TEMPFAIL from sysexits.h: "temporary failure, retry later". A preempted run saved a checkpoint
 # and exits with this code so that a wrapper (the SLURM script, a user's loop) knows to start it again.
 EXIT_PREEMPTED = 75
@@ -11,3 +17,21 @@ EXIT_DIVERGED = 3
 
 class UsageError(Exception):
     """Bad input from the user. Entry points print it as one line (no traceback) and exit with EXIT_USAGE."""
+
+
+class RunStopped(Exception):
+    """A fault that ends the run on every rank at once; entry points print it as one line, exit `exit_code`."""
+
+    exit_code = 1
+
+
+class WriteFailed(RunStopped):
+    """An output could not be written on some rank; every rank raises it together after the failed write."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
+class LeaseLost(RunStopped):
+    """Another run now holds the output folder; this one stops before it overwrites anything of it."""
+
+    exit_code = EXIT_LEASE_LOST

@@ -33,20 +33,27 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from launcher.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     TrainerState,
+    append_line_durable,
+    apply_checkpoint,
     checkpoint_name,
-    load_checkpoint,
+    first_error,
+    plain_state_dict,
+    read_checkpoint,
     restore_rng,
     save_weights,
     write_json_atomic,
     write_text_atomic,
 )
-from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED
+from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost, RunStopped, UsageError
+from launcher.lease import claim_for_ranks
 from launcher.metrics import VAL_METRIC_NAMES, ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.schedulers import replan
 from launcher.tracking import NullTracker, Tracker
+from launcher.write_failures import main_writes, write_failed
 
 Batch = Any
 UnpackBatch = Callable[[Batch], tuple[Any, torch.Tensor]]
@@ -240,6 +247,7 @@ class FitRun:
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
     resumed_from: Path | None = None  # the checkpoint this launch continues
+    write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
 
 
 def fit(
@@ -270,6 +278,7 @@ def fit(
     tracker: Tracker | None = None,
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
+    lease: Any = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -289,8 +298,13 @@ def fit(
     resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
     config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
-    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1, and
-    `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md).
+    lease: the claim on output_dir (launcher.lease.claim_for_ranks, on every rank) when the caller holds one
+        already, as the recipe does before it writes anything; otherwise fit claims output_dir itself for
+        the call (a folder in use raises FolderInUse, a UsageError) and releases it at the end.
+    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
+    `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
+    `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
+    `LeaseLost` (73) when another run took output_dir over.
     A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
     topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
     it is missing or stale).
@@ -316,20 +330,25 @@ def fit(
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
     )
-    if run.output_dir is not None:
-        if accelerator.is_main_process:
-            run.output_dir.mkdir(parents=True, exist_ok=True)
-        run.manager = CheckpointManager(run.output_dir, keep_last=keep_last, is_main=accelerator.is_main_process)
-        run.manager.clean_stale()
-    if resume_from is not None:
-        _resume(run, Path(resume_from))
-        _replan_schedule(run, planned_steps(run.state, len(train_loader), accelerator.gradient_accumulation_steps,
-                                            epochs))
-    finished = finished_reason(run.state, epochs, early_stopping_patience, best_metric)
-
+    own_lease = run.output_dir is not None and lease is None
+    if own_lease:
+        lease = claim_for_ranks(run.output_dir, is_main=accelerator.is_main_process)
     watch = PreemptionWatch()
     exit_code = 1
     try:
+        if run.output_dir is not None:
+            if accelerator.is_main_process:
+                run.output_dir.mkdir(parents=True, exist_ok=True)
+            run.manager = CheckpointManager(run.output_dir, keep_last=keep_last,
+                                            is_main=accelerator.is_main_process, lease=lease)
+            run.manager.clean_stale()
+        if resume_from is not None:
+            _resume(run, Path(resume_from))
+            _replan_schedule(run, planned_steps(run.state, len(train_loader),
+                                                accelerator.gradient_accumulation_steps, epochs))
+        elif run.output_dir is not None and accelerator.is_main_process and (run.output_dir / "metrics.jsonl").exists():
+            _rewrite_metrics(run.output_dir, [])  # rows of an attempt that never reached a checkpoint
+        finished = finished_reason(run.state, epochs, early_stopping_patience, best_metric)
         if finished:
             _finish_finished(run, finished, epochs, early_stopping_patience)
             exit_code = 0
@@ -369,6 +388,8 @@ def fit(
         raise
     finally:
         watch.close()
+        if own_lease:
+            lease.release()
         tracker.finish(run.state.history, exit_code)
         if exit_code in (EXIT_PREEMPTED, EXIT_DIVERGED) and dist.is_available() and dist.is_initialized():
             # The process is about to exit: leave together and tear the group down, so that no rank drops
@@ -378,11 +399,22 @@ def fit(
 
 
 def _resume(run: FitRun, path: Path) -> None:
+    """Load the checkpoint on every rank, all or nothing: every rank checks everything first, and only
+    when all ranks could (one all-gather) does any rank apply it."""
     acc = run.accelerator
-    state, rng, stats = load_checkpoint(
-        path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
-        scaler=acc.scaler, rank=acc.process_index)
+    targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
+               "scheduler": run.step_sched.scheduler if run.step_sched is not None else run.plateau,
+               "scaler": acc.scaler}
+    loaded, error = None, None
+    try:
+        loaded = read_checkpoint(path, rank=acc.process_index, **targets)
+    except CheckpointError as err:
+        error = str(err)
+    error = first_error(error)
+    if error is not None:
+        raise UsageError(f"cannot resume from {path}: {error}")
+    apply_checkpoint(loaded, **targets)
+    state, rng, stats = loaded.state, loaded.rng, loaded.stats
     if state.world_size != acc.num_processes:
         if state.batches_done:
             # Per-process positions do not map one-to-one onto another world size: redo the epoch.
@@ -653,9 +685,14 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: 
     }
     state.history.append(row)
     if acc.is_main_process:
-        if run.output_dir is not None:
-            with open(run.output_dir / "metrics.jsonl", "a") as f:
-                f.write(_json_line(row))
+        if run.output_dir is not None and run.write_failure is None:
+            try:
+                _check_lease(run)
+                append_line_durable(run.output_dir / "metrics.jsonl", _json_line(row))
+            except LeaseLost as err:
+                run.write_failure = err
+            except OSError as err:
+                run.write_failure = write_failed(err, run.output_dir, "metrics.jsonl")
         summary = (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
                    f"train_acc {row['train_accuracy']:.4f} | val_loss {row['val_loss']:.4f} "
                    f"val_acc {row['val_accuracy']:.4f} val_f1 {row['val_f1']:.4f} | lr {row['lr']:.2e} "
@@ -686,11 +723,16 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
         state.best_checkpoint = checkpoint_name(state.global_step)
     path = run.manager.save(
         state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler)
+        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler,
+        best=best, failure=run.write_failure)
     run.last_checkpoint = path
-    if best:
-        run.manager.mark_best(path.name)
     run.manager.rotate(protect=state.best_checkpoint)
+
+
+def _check_lease(run: FitRun) -> None:
+    """Raise LeaseLost when another run took the output folder over (rank 0; the others hold no lease)."""
+    if run.manager is not None and run.manager.lease is not None:
+        run.manager.lease.check()
 
 
 def _write_final(run: FitRun) -> None:
@@ -699,17 +741,23 @@ def _write_final(run: FitRun) -> None:
     acc.wait_for_everyone()
     if run.output_dir is None:
         return
-    weights = acc.get_state_dict(run.model)
-    if acc.is_main_process:
-        final = run.output_dir / "final"
+    weights = plain_state_dict(acc.get_state_dict(run.model))
+    final = run.output_dir / "final"
+
+    def write() -> None:
+        _check_lease(run)
         final.mkdir(parents=True, exist_ok=True)
         tmp = final / ".model.safetensors.tmp"
-        save_weights(weights, tmp)
-        tmp.replace(final / "model.safetensors")
+        try:
+            save_weights(weights, tmp)
+            tmp.replace(final / "model.safetensors")
+        finally:
+            tmp.unlink(missing_ok=True)
         write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
                                                          "global_step": run.state.global_step,
                                                          "finished": run.state.finished})
-    acc.wait_for_everyone()
+
+    main_writes(acc.is_main_process, final, "final weights", write)
 
 
 def _json_line(row: Mapping[str, Any]) -> str:

@@ -16,16 +16,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from launcher import evaluate, fit, make_accelerator
-from launcher.checkpoint import load_model_weights, write_json_atomic
+from launcher.checkpoint import load_model_weights, loadable_checkpoint, read_trainer_state, write_json_atomic
 from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
-from launcher.errors import EXIT_USAGE, UsageError
+from launcher.errors import EXIT_USAGE, RunStopped, UsageError
+from launcher.lease import claim_for_ranks
 from launcher.loop import finite_or_none, use_cpu
 from launcher.models import build_model
 from launcher.relaunch import (
@@ -38,6 +40,7 @@ from launcher.relaunch import (
 )
 from launcher.schedulers import from_name
 from launcher.tracking import run_metadata, start_tracker
+from launcher.write_failures import main_writes
 
 
 def setup_output_dir(config: TrainConfig) -> Path:
@@ -152,8 +155,20 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 def train(argv: list[str] | None = None) -> None:
     given = parse_values(argv, description=__doc__)
     config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
-    PartialState(cpu=use_cpu())  # the process group, so that rank 0 can decide for all
+    state = PartialState(cpu=use_cpu())  # the process group, so that rank 0 can decide for all
     output_dir = setup_output_dir(config)
+    # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
+    lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
+                                                          force=config.force)
+    try:
+        train_in(given, config, output_dir, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> None:
+    """Everything after the output folder is claimed: relaunch rules, data, model, then fit."""
     config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     set_seed(config.seed)
@@ -169,21 +184,25 @@ def train(argv: list[str] | None = None) -> None:
     train_loader = make_loader(data.train, config.batch_size, shuffle=True, num_workers=config.num_workers)
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers)
+    # A checkpoint that validates but does not fit this model: --resume auto falls back to an older one.
+    loadable = loadable_checkpoint(checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto",
+                                   output_dir=output_dir, is_main=accelerator.is_main_process)
+    if loadable != checkpoint:
+        checkpoint, resumed = loadable, read_trainer_state(loadable) if loadable else {}
     # Everything is validated: from here on the output folder is written.
     checkpoint = setup_branch(config, checkpoint, output_dir)
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
                             resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
                             history=resumed.get("history"))
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info})
+    main_writes(accelerator.is_main_process, output_dir, "config.json",
+                lambda: write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info}))
     fit(model, optimizer, train_loader, val_loader, torch.nn.CrossEntropyLoss(), epochs=config.epochs,
         num_classes=num_classes, accelerator=accelerator, scheduler=scheduler,
         max_grad_norm=config.max_grad_norm or None, best_metric=config.best_metric, best_mode=config.best_mode,
         early_stopping_patience=config.early_stopping_patience, output_dir=output_dir,
         save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
         config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
-        log_every=config.log_every, tracker=tracker)
+        log_every=config.log_every, tracker=tracker, lease=lease)
     accelerator.print(f"done: {output_dir}/final/model.safetensors")
 
 
@@ -195,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"classify.py: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
+    except RunStopped as err:  # raised together on every rank (a failed write, a lost claim)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"classify.py: error: {err}", file=sys.stderr)
+        code = err.exit_code
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave together: a rank that tears its group down while a peer is still writing files can take the
         # peer's connection down with it, and torchrun's exit barrier wants every node to finish cleanly.
