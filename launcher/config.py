@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from launcher.errors import UsageError
+from launcher.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -65,6 +66,14 @@ class TrainConfig:
     keep_last: int = _opt(3, "number of newest checkpoints to keep (the best one is always kept)")
     eval_only: bool = _opt(False, "evaluate the weights of --resume CHECKPOINT_DIR and write eval.json")
     log_every: int = _opt(50, "log the training loss every N optimizer steps")
+    # faults
+    collective_timeout: float = _opt(DEFAULT_COLLECTIVE_TIMEOUT,
+                                     "seconds a training step may stall (a rank stopped, a collective hung) "
+                                     "before the job ends naming the stalled rank, exit 76")
+    init_timeout: float = _opt(DEFAULT_INIT_TIMEOUT,
+                               "seconds start-up (rendezvous, data preparation, the first step and its "
+                               "compilation), validation and a checkpoint write may stall; at least "
+                               "--collective-timeout")
     # W&B
     wandb_mode: str | None = _opt(None, "online, offline or disabled (default: online when W&B credentials "
                                         "are configured, otherwise offline)", ("online", "offline", "disabled"))
@@ -98,6 +107,7 @@ class TrainConfig:
             raise UsageError("--warmup-steps works with --scheduler cosine or constant, not plateau")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise UsageError("--early-stopping-patience must be at least 1")
+        check_timeouts(self.collective_timeout, self.init_timeout)
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
         for name in _field_types():

@@ -16,9 +16,11 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from collections.abc import Mapping  # isinstance against typing.Mapping is several times slower, per batch
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
@@ -41,10 +43,13 @@ from launcher.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
+from launcher.elastic import join_restarted_group
 from launcher.errors import EXIT_PREEMPTED
 from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.tracking import NullTracker, Tracker
+from launcher.timeouts import Timeouts
+from launcher.watchdog import NO_WATCHDOG, NoWatchdog, nccl_environment, start_watchdog
 
 Batch = Any
 UnpackBatch = Callable[[Batch], tuple[Any, torch.Tensor]]
@@ -58,7 +63,8 @@ class Preempted(SystemExit):
         self.checkpoint = checkpoint
 
 
-def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: Any) -> Accelerator:
+def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective_timeout: float | None = None,
+                     init_timeout: float | None = None, **kwargs: Any) -> Accelerator:
     """The Accelerator `fit` expects; mixed precision and topology come from `accelerate launch`.
 
     - On a machine without a GPU, `cpu=True` makes each process of a multi-process launch join a gloo
@@ -69,11 +75,30 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: 
     - `non_blocking`: batches are copied to the GPU asynchronously. A blocking copy synchronizes the host
       with the GPU's stream on every batch, so the CPU could never run ahead of the GPU (pair it with
       `pin_memory=True` in the DataLoader, as launcher.data.make_loader does when CUDA is available).
+    - `init_timeout` bounds process-group start-up (rendezvous, the first barriers); `collective_timeout`
+      bounds each training step once `fit` runs (launcher.watchdog; `fit` reads both from the returned
+      accelerator's `launcher_timeouts`). On GPUs the NCCL watchdog / flight-recorder variables of
+      `launcher.watchdog.nccl_environment` are set unless already set.
     """
+    timeouts = _timeouts(Timeouts(), collective_timeout, init_timeout)
+    if torch.cuda.is_available():
+        for key, value in nccl_environment().items():
+            os.environ.setdefault(key, value)  # read when the NCCL group is created, just below
+    if not any(isinstance(h, InitProcessGroupKwargs) for h in kwargs.get("kwargs_handlers", ())):
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", ()),
+                                     InitProcessGroupKwargs(timeout=timedelta(seconds=timeouts.init))]
     kwargs.setdefault("cpu", not (torch.cuda.is_available() or _has_other_accelerator()))
+    join_restarted_group("gloo" if kwargs["cpu"] or not torch.cuda.is_available() else "nccl",
+                         timedelta(seconds=timeouts.init))  # torchrun restarts: see launcher.elastic
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
                                                                    non_blocking=True))
-    return Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+    accelerator.launcher_timeouts = timeouts
+    return accelerator
+
+
+def _timeouts(base: Timeouts, collective: float | None, init: float | None) -> Timeouts:
+    return Timeouts(base.collective if collective is None else collective, base.init if init is None else init)
 
 
 def _has_other_accelerator() -> bool:
@@ -216,6 +241,7 @@ class FitRun:
     last_checkpoint: Path | None = None  # the folder the latest save wrote
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
+    watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.watchdog)
 
 
 def fit(
@@ -246,6 +272,8 @@ def fit(
     tracker: Tracker | None = None,
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
+    collective_timeout: float | None = None,
+    init_timeout: float | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -265,9 +293,13 @@ def fit(
     resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
     config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
+    collective_timeout / init_timeout: seconds a training step / start-up, validation or a checkpoint write
+        may stall before the job ends naming the stalled rank (launcher.watchdog); default: the
+        accelerator's (make_accelerator's arguments), else launcher.watchdog's defaults.
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1.
     """
-    accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed)
+    accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed,
+                                                  collective_timeout=collective_timeout, init_timeout=init_timeout)
     if scheduler is not None and accelerator.step_scheduler_with_optimizer:
         raise ValueError("fit steps the scheduler itself: build the Accelerator with "
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
@@ -295,6 +327,9 @@ def fit(
         _resume(run, Path(resume_from))
 
     watch = PreemptionWatch()
+    timeouts = _timeouts(getattr(accelerator, "launcher_timeouts", None) or Timeouts(), collective_timeout,
+                         init_timeout)
+    run.watchdog = start_watchdog(lambda: (run.state.epoch, run.state.batches_done), timeouts)
     exit_code = 1
     try:
         while run.state.epoch < epochs:
@@ -303,7 +338,8 @@ def fit(
                 _save(run, reason="preempted")
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
-            row = _validate_and_record(run, val_loader, epoch, best_metric)
+            with run.watchdog.slow():
+                row = _validate_and_record(run, val_loader, epoch, best_metric)
             stop_early = _update_best_and_patience(run, row, best_metric, best_mode, min_delta,
                                                    early_stopping_patience)
             if run.plateau is not None:
@@ -318,10 +354,12 @@ def fit(
             if watch.should_stop() and run.state.epoch < epochs:
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
-        _write_final(run)
+        with run.watchdog.slow():
+            _write_final(run)
         exit_code = 0
         return run.state.history
     finally:
+        run.watchdog.close()
         watch.close()
         tracker.finish(run.state.history, exit_code)
         if exit_code == EXIT_PREEMPTED and dist.is_available() and dist.is_initialized():
@@ -377,6 +415,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
     clock = _EpochClock(state)
     run.log_mark = (time.perf_counter(), 0, 0.0, 0.0)
     model.train()
+    run.watchdog.training()
     for batch in loader:
         if run.rng_to_restore is not None:
             # Resumed mid-epoch: creating the iterator drew from the global RNG; now continue the saved
@@ -554,6 +593,11 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     run.last_checkpoint = None
     if run.manager is None:
         return
+    with run.watchdog.slow():
+        _write_checkpoint(run, reason, best)
+
+
+def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     acc, state = run.accelerator, run.state
     state.reason = reason
     if best:

@@ -103,7 +103,8 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 
 def train(argv: list[str] | None = None) -> None:
     config = parse_config(argv, description=__doc__)
-    accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
+    accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed,
+                                   collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
     output_dir = setup_output_dir(config, accelerator)
     checkpoint = resolve_resume(config.resume, output_dir)
     set_seed(config.seed)
