@@ -441,6 +441,10 @@ trap 'echo "launcher: SIGTERM received; waiting for the training processes to st
 srun --nodes={{NODES}} --ntasks-per-node=1 --cpus-per-task={{CPUS}} --kill-on-bad-exit=1 \
     bash -c "$NODE_PROGRAM" launcher-node "${ARGS[@]}" &
 srun_pid=$!
+# --- a hung rank: once a live rank has named it, end every node's processes at once. A stopped process
+# never handles the SIGTERM that srun sends first; its SIGKILL would only follow after KillWait. ---
+( while [ ! -s "$LAUNCHER_FAULT_FILE" ]; do sleep 1; done; scancel --signal=KILL "$SLURM_JOB_ID" ) &
+fault_watcher=$!
 # `wait` returns early whenever a trapped signal arrives: keep waiting until srun has exited.
 while :; do
     wait "$srun_pid"
@@ -454,6 +458,7 @@ if [ "$status" -gt 128 ]; then
     [ "$late" != 127 ] && status=$late
 fi
 if [ -n "$resender" ]; then kill "$resender" 2>/dev/null; fi
+kill "$fault_watcher" 2>/dev/null
 
 # --- requeue after USR1 (the warning before the time limit, or `scancel --signal=USR1`) ---
 stopped_by=$(cat "$LAUNCHER_STOPPED_BY" 2>/dev/null)
