@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--workload", default="cnn", choices=("mlp", "cnn"))
     p.add_argument("--no-preemption-vote", action="store_true",
                    help="stub PreemptionWatch.should_stop out (a reference for what the vote costs)")
+    p.add_argument("--no-watchdog", action="store_true",
+                   help="start no launcher.watchdog in fit (a reference for what the hang watchdog costs)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cnn-samples", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +89,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.no_preemption_vote:
         PreemptionWatch.should_stop = lambda self: False
+    if args.no_watchdog:
+        import launcher.loop
+        from launcher.watchdog import NO_WATCHDOG
+
+        launcher.loop.start_watchdog = lambda progress, timeouts: NO_WATCHDOG
     accelerator = make_accelerator(seed=args.seed)
     w = build_workloads([args.workload], cnn_samples=args.cnn_samples, seed=args.seed)[args.workload]
     model, run = w.model(args.seed), Run()

@@ -20,6 +20,7 @@ import yaml
 
 from launcher.errors import UsageError
 from launcher.metrics import VAL_METRIC_NAMES
+from launcher.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
 
 
 # What a relaunch (a resume, or --eval-only of a checkpoint) may do with each key; see docs/relaunch.md.
@@ -90,6 +91,14 @@ class TrainConfig:
     force: bool = _opt(False, "train even when another live run holds --output-dir (its claim is broken, "
                               "with a warning; see docs/faults.md)", relaunch="launch")
     log_every: int = _opt(50, "log the training loss every N optimizer steps")
+    # faults
+    collective_timeout: float = _opt(DEFAULT_COLLECTIVE_TIMEOUT,
+                                     "seconds a training step may stall (a rank stopped, a collective hung) "
+                                     "before the job ends naming the stalled rank, exit 76")
+    init_timeout: float = _opt(DEFAULT_INIT_TIMEOUT,
+                               "seconds start-up (rendezvous, data preparation, the first step and its "
+                               "compilation), validation and a checkpoint write may stall; at least "
+                               "--collective-timeout")
     # W&B
     wandb_mode: str | None = _opt(None, "online, offline or disabled (default: online when W&B credentials "
                                         "are configured, otherwise offline)", ("online", "offline", "disabled"))
@@ -132,6 +141,7 @@ class TrainConfig:
             raise UsageError("--weight-decay and --plateau-patience cannot be negative")
         if not math.isfinite(self.lr):
             raise UsageError(f"--lr must be a finite number (got {self.lr})")
+        check_timeouts(self.collective_timeout, self.init_timeout)
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
         if self.force and self.eval_only:

@@ -16,19 +16,21 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from collections.abc import Mapping  # isinstance against typing.Mapping is several times slower, per batch
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
@@ -47,6 +49,7 @@ from launcher.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
+from launcher.elastic import join_restarted_group
 from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost, RunStopped, UsageError
 from launcher.lease import claim_for_ranks
 from launcher.metrics import VAL_METRIC_NAMES, ClassificationMetrics, ConfusionStats
@@ -54,6 +57,8 @@ from launcher.preemption import PreemptionWatch
 from launcher.schedulers import replan
 from launcher.tracking import NullTracker, Tracker
 from launcher.write_failures import main_writes, write_failed
+from launcher.timeouts import Timeouts
+from launcher.watchdog import NO_WATCHDOG, NoWatchdog, nccl_environment, start_watchdog
 
 Batch = Any
 UnpackBatch = Callable[[Batch], tuple[Any, torch.Tensor]]
@@ -82,7 +87,8 @@ class Diverged(SystemExit):
         return self.message
 
 
-def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: Any) -> Accelerator:
+def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective_timeout: float | None = None,
+                     init_timeout: float | None = None, **kwargs: Any) -> Accelerator:
     """The Accelerator `fit` expects; mixed precision and topology come from `accelerate launch`.
 
     - On a machine without a GPU, `cpu=True` makes each process of a multi-process launch join a gloo
@@ -93,11 +99,44 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: 
     - `non_blocking`: batches are copied to the GPU asynchronously. A blocking copy synchronizes the host
       with the GPU's stream on every batch, so the CPU could never run ahead of the GPU (pair it with
       `pin_memory=True` in the DataLoader, as launcher.data.make_loader does when CUDA is available).
+    - `init_timeout` bounds process-group start-up (rendezvous, the first barriers); `collective_timeout`
+      bounds each training step once `fit` runs (launcher.watchdog; `fit` reads both from the returned
+      accelerator's `launcher_timeouts`). On GPUs the NCCL watchdog / flight-recorder variables of
+      `launcher.watchdog.nccl_environment` are set unless already set.
     """
+    timeouts = _timeouts(Timeouts(), collective_timeout, init_timeout)
     kwargs.setdefault("cpu", use_cpu())
+    if not any(isinstance(h, InitProcessGroupKwargs) for h in kwargs.get("kwargs_handlers", ())):
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", ()),
+                                     InitProcessGroupKwargs(timeout=timedelta(seconds=timeouts.init))]
+    _prepare_process_group(kwargs["cpu"], timeouts)
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
                                                                    non_blocking=True))
-    return Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+    accelerator.launcher_timeouts = timeouts
+    return accelerator
+
+
+def _timeouts(base: Timeouts, collective: float | None, init: float | None) -> Timeouts:
+    return Timeouts(base.collective if collective is None else collective, base.init if init is None else init)
+
+
+def start_process_group(*, init_timeout: float | None = None) -> PartialState:
+    """Join the process group the way make_accelerator would, for work that must happen before the
+    Accelerator is built (rank 0 choosing the checkpoint whose config decides grad_accum, say)."""
+    timeouts = _timeouts(Timeouts(), None, init_timeout)
+    cpu = use_cpu()
+    _prepare_process_group(cpu, timeouts)
+    return PartialState(cpu=cpu, timeout=timedelta(seconds=timeouts.init))
+
+
+def _prepare_process_group(cpu: bool, timeouts: Timeouts) -> None:
+    """What must happen before the default group exists: NCCL's watchdog settings, torchrun restarts."""
+    if torch.cuda.is_available():
+        for key, value in nccl_environment().items():
+            os.environ.setdefault(key, value)  # read when the NCCL group is created
+    join_restarted_group("gloo" if cpu or not torch.cuda.is_available() else "nccl",
+                         timedelta(seconds=timeouts.init))  # torchrun restarts: see launcher.elastic
 
 
 def use_cpu() -> bool:
@@ -248,6 +287,7 @@ class FitRun:
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
     resumed_from: Path | None = None  # the checkpoint this launch continues
     write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
+    watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.watchdog)
 
 
 def fit(
@@ -279,6 +319,8 @@ def fit(
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
     lease: Any = None,
+    collective_timeout: float | None = None,
+    init_timeout: float | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -304,12 +346,17 @@ def fit(
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
     `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
     `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
-    `LeaseLost` (73) when another run took output_dir over.
+    `LeaseLost` (73) when another run took output_dir over; a stalled rank ends the job with exit 76
+    (launcher.watchdog).
     A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
     topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
     it is missing or stale).
+    collective_timeout / init_timeout: seconds a training step / start-up, validation or a checkpoint write
+        may stall before the job ends naming the stalled rank (launcher.watchdog); default: the
+        accelerator's (make_accelerator's arguments), else launcher.watchdog's defaults.
     """
-    accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed)
+    accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed,
+                                                  collective_timeout=collective_timeout, init_timeout=init_timeout)
     if scheduler is not None and accelerator.step_scheduler_with_optimizer:
         raise ValueError("fit steps the scheduler itself: build the Accelerator with "
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
@@ -334,6 +381,9 @@ def fit(
     if own_lease:
         lease = claim_for_ranks(run.output_dir, is_main=accelerator.is_main_process)
     watch = PreemptionWatch()
+    timeouts = _timeouts(getattr(accelerator, "launcher_timeouts", None) or Timeouts(), collective_timeout,
+                         init_timeout)
+    run.watchdog = start_watchdog(lambda: (run.state.epoch, run.state.batches_done), timeouts)
     exit_code = 1
     try:
         if run.output_dir is not None:
@@ -360,7 +410,8 @@ def fit(
                 _save(run, reason="preempted")
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
-            row = _validate_and_record(run, val_loader, epoch, best_metric)
+            with run.watchdog.slow():
+                row = _validate_and_record(run, val_loader, epoch, best_metric)
             _check_finite(run, {"training": row["train_loss"], "validation": row["val_loss"]})  # row written
             stop_early = _update_best_and_patience(run, row, best_metric, best_mode, min_delta,
                                                    early_stopping_patience)
@@ -378,7 +429,8 @@ def fit(
             if watch.should_stop() and run.state.epoch < epochs:
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
-        _write_final(run)
+        with run.watchdog.slow():
+            _write_final(run)
         exit_code = 0
         return run.state.history
     except Diverged as err:
@@ -387,6 +439,7 @@ def fit(
             print(f"diverged: {err}", file=sys.stderr, flush=True)
         raise
     finally:
+        run.watchdog.close()
         watch.close()
         if own_lease:
             lease.release()
@@ -536,6 +589,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
     clock = _EpochClock(state)
     run.log_mark = (time.perf_counter(), 0, 0.0, 0.0)
     model.train()
+    run.watchdog.training()
     for batch in loader:
         if run.rng_to_restore is not None:
             # Resumed mid-epoch: creating the iterator drew from the global RNG; now continue the saved
@@ -717,6 +771,11 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     run.last_checkpoint = None
     if run.manager is None:
         return
+    with run.watchdog.slow():
+        _write_checkpoint(run, reason, best)
+
+
+def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     acc, state = run.accelerator, run.state
     state.reason = reason
     if best:

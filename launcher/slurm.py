@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from launcher.errors import EXIT_PREEMPTED, UsageError
+from launcher.errors import EXIT_HUNG, EXIT_PREEMPTED, UsageError
+from launcher.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
 
 # Flags the job passes to the training script itself; the user must not pass them too.
 OWNED_SCRIPT_FLAGS = ("--output-dir", "--resume")
@@ -91,6 +92,15 @@ class SubmitOptions:
     signal_grace: int = _opt(120, "seconds before the time limit at which SLURM warns the job (USR1) so it "
                                   "can checkpoint and requeue itself", "SECONDS")
     max_requeues: int = _opt(3, "how often the job may requeue itself after a preemption signal", "N")
+    # faults
+    collective_timeout: float | None = _opt(None, "passed to the script: seconds a training step may stall "
+                                                  "before the job fails naming the stalled rank (default: "
+                                                  "the script's, 300 for the recipe)", "SECONDS")
+    init_timeout: float | None = _opt(None, "passed to the script: seconds start-up, validation and a "
+                                            "checkpoint write may stall (default: the script's, 1800)", "SECONDS")
+    max_restarts: int = _opt(0, "torchrun restarts of the workers inside the allocation when one of them "
+                                "fails (accelerate launch --max_restarts); they resume from the newest "
+                                "checkpoint", "N")
     # sweeps
     sweep: tuple[tuple[str, tuple[str, ...]], ...] = _opt((), "sweep a script flag over values; several "
                                                              "--sweep make a grid, one array task per "
@@ -239,6 +249,15 @@ def check(options: SubmitOptions) -> None:
         raise UsageError("--signal-grace cannot exceed 65535 seconds (SLURM's limit)")
     if options.max_requeues < 0:
         raise UsageError(f"--max-requeues cannot be negative (got {options.max_requeues})")
+    if options.max_restarts < 0:
+        raise UsageError(f"--max-restarts cannot be negative (got {options.max_restarts})")
+    if options.collective_timeout is not None or options.init_timeout is not None:
+        check_timeouts(DEFAULT_COLLECTIVE_TIMEOUT if options.collective_timeout is None else options.collective_timeout,
+                       DEFAULT_INIT_TIMEOUT if options.init_timeout is None else options.init_timeout)
+    for flag, value in (("--collective-timeout", options.collective_timeout),
+                        ("--init-timeout", options.init_timeout)):
+        if value is not None and _has_flag(options.script_args, flag):
+            raise UsageError(f"{flag} is given to launcher submit and to the script; keep one")
     for flag, value in (("--partition", options.partition), ("--account", options.account),
                         ("--qos", options.qos), ("--constraint", options.constraint),
                         ("--job-name", options.job_name)):
@@ -370,8 +389,10 @@ LAUNCHER_MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 LAUNCHER_MAIN_PORT=$(({{PORT_BASE}} + SLURM_JOB_ID % {{PORT_SPAN}}))
 # Node 0's task (on this machine) writes here which signal stopped the training, if one did.
 LAUNCHER_STOPPED_BY=${TMPDIR:-/tmp}/launcher-stopped-by-$SLURM_JOB_ID
-export LAUNCHER_MAIN_HOST LAUNCHER_MAIN_PORT LAUNCHER_STOPPED_BY
-rm -f "$LAUNCHER_STOPPED_BY"
+# A rank that finds another one hung writes its one-line verdict here (shared: it may run on any node).
+LAUNCHER_FAULT_FILE={{LOG_DIR}}/.fault-$SLURM_JOB_ID
+export LAUNCHER_MAIN_HOST LAUNCHER_MAIN_PORT LAUNCHER_STOPPED_BY LAUNCHER_FAULT_FILE
+rm -f "$LAUNCHER_STOPPED_BY" "$LAUNCHER_FAULT_FILE"
 mkdir -p "$OUTPUT_DIR"
 echo "launcher: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, nodes $SLURM_JOB_NODELIST," \
     "rendezvous $LAUNCHER_MAIN_HOST:$LAUNCHER_MAIN_PORT, output $OUTPUT_DIR, $(date)"
@@ -420,6 +441,10 @@ trap 'echo "launcher: SIGTERM received; waiting for the training processes to st
 srun --nodes={{NODES}} --ntasks-per-node=1 --cpus-per-task={{CPUS}} --kill-on-bad-exit=1 \
     bash -c "$NODE_PROGRAM" launcher-node "${ARGS[@]}" &
 srun_pid=$!
+# --- a hung rank: once a live rank has named it, end every node's processes at once. A stopped process
+# never handles the SIGTERM that srun sends first; its SIGKILL would only follow after KillWait. ---
+( while [ ! -s "$LAUNCHER_FAULT_FILE" ]; do sleep 1; done; scancel --signal=KILL "$SLURM_JOB_ID" ) &
+fault_watcher=$!
 # `wait` returns early whenever a trapped signal arrives: keep waiting until srun has exited.
 while :; do
     wait "$srun_pid"
@@ -433,6 +458,7 @@ if [ "$status" -gt 128 ]; then
     [ "$late" != 127 ] && status=$late
 fi
 if [ -n "$resender" ]; then kill "$resender" 2>/dev/null; fi
+kill "$fault_watcher" 2>/dev/null
 
 # --- requeue after USR1 (the warning before the time limit, or `scancel --signal=USR1`) ---
 stopped_by=$(cat "$LAUNCHER_STOPPED_BY" 2>/dev/null)
@@ -448,6 +474,13 @@ if [ "$stopped_by" = USR1 ] || { [ -n "$stopped_by" ] && [ "$forwarded" = 1 ]; }
             "(--max-requeues); submit the same command again to resume" >&2
     fi
     exit {{EXIT_PREEMPTED}}
+fi
+if [ "$status" != 0 ] && [ -s "$LAUNCHER_FAULT_FILE" ]; then
+    # A rank stopped making progress; the watchdog of a live rank named it (launcher.watchdog).
+    cat "$LAUNCHER_FAULT_FILE" >&2
+    rm -f "$LAUNCHER_FAULT_FILE"
+    echo "launcher: job failed: a rank stopped making progress (exit {{EXIT_HUNG}})" >&2
+    exit {{EXIT_HUNG}}
 fi
 if [ "$status" != 0 ]; then
     # A node's training failed (its task exited non-zero, and srun stopped the others).
@@ -523,7 +556,7 @@ def render_sbatch(options: SubmitOptions) -> str:
     values = {
         "ENVIRONMENT": "\n".join(environment),
         "OUTPUT_DIR": q(o.output_dir),
-        "ARGS": " ".join(q(a) for a in (o.script, *o.script_args)),
+        "ARGS": " ".join(q(a) for a in (o.script, *o.script_args, *_timeout_args(o))),
         "SWEEP": sweep,
         "PORT_BASE": str(PORT_BASE),
         "PORT_SPAN": str(PORT_SPAN),
@@ -536,9 +569,19 @@ def render_sbatch(options: SubmitOptions) -> str:
         "CPUS": str(cpus),
         "MAX_REQUEUES": str(o.max_requeues),
         "EXIT_PREEMPTED": str(EXIT_PREEMPTED),
+        "EXIT_HUNG": str(EXIT_HUNG),
+        "LOG_DIR": q(o.log_dir),
     }
     body = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], _BODY)
     return "\n".join(header) + "\n" + body
+
+
+def _timeout_args(o: SubmitOptions) -> list[str]:
+    args = []
+    for flag, value in (("--collective-timeout", o.collective_timeout), ("--init-timeout", o.init_timeout)):
+        if value is not None:
+            args += [flag, f"{value:g}"]
+    return args
 
 
 def _accelerate_command(o: SubmitOptions) -> str:
@@ -551,6 +594,10 @@ def _accelerate_command(o: SubmitOptions) -> str:
         parts.append("--multi_gpu")
     elif o.num_processes == 1 and o.gpus_per_node == 0:
         parts.append("--cpu")
+    if o.max_restarts:
+        # A failed worker makes torchrun restart this node's workers (launcher.elastic makes the restarted
+        # ones find each other); srun only sees a failure once the restarts are used up.
+        parts.append(f"--max_restarts {o.max_restarts}")
     # One option group per line, continued with backslashes, so the README can point at each.
     return " \\\n    ".join([
         " ".join(parts),
@@ -596,6 +643,16 @@ def _int(flag: str):
     return parse
 
 
+def _seconds(flag: str):
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number of seconds, not {text!r}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="launcher submit",
@@ -603,7 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render an sbatch script that runs SCRIPT with accelerate launch on every node, and "
                     "submit it.",
     )
-    ints = {"nodes", "gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace", "max_requeues"}
+    ints = {"nodes", "gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace", "max_requeues",
+            "max_restarts"}
+    floats = {"collective_timeout", "init_timeout"}
     repeatable = {"setup", "env", "sweep"}
     for f in dataclasses.fields(SubmitOptions):  # in the dataclass's order, with its help and defaults
         flag = "--" + f.name.replace("_", "-")
@@ -615,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         shown = f" (default: {f.default})" if f.default not in (None, ()) else ""
         kwargs: dict[str, Any] = {"type": _int(flag)} if f.name in ints else {}
+        if f.name in floats:
+            kwargs["type"] = _seconds(flag)
         if f.name in repeatable:
             kwargs["action"] = "append"
         parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + shown,

@@ -28,7 +28,7 @@ from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.lease import claim_for_ranks
-from launcher.loop import finite_or_none, use_cpu
+from launcher.loop import finite_or_none, start_process_group
 from launcher.models import build_model
 from launcher.relaunch import (
     choose_checkpoint,
@@ -155,7 +155,8 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
 def train(argv: list[str] | None = None) -> None:
     given = parse_values(argv, description=__doc__)
     config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
-    state = PartialState(cpu=use_cpu())  # the process group, so that rank 0 can decide for all
+    # The process group first (bounded by --init-timeout), so that rank 0 can decide for all.
+    state = start_process_group(init_timeout=config.init_timeout)
     output_dir = setup_output_dir(config)
     # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
     lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
@@ -170,7 +171,8 @@ def train(argv: list[str] | None = None) -> None:
 def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> None:
     """Everything after the output folder is claimed: relaunch rules, data, model, then fit."""
     config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
-    accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
+    accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed,
+                                   collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, data)

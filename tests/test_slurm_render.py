@@ -209,12 +209,26 @@ def test_array_spec_parsing() -> None:
     (["--gpus-per-node", "4", "--procs-per-node", "2", "--", "t.py"], "contradicts --gpus-per-node"),
     (["--procs-per-node", "4", "--cpus-per-task", "2", "--", "t.py"], "fewer than the 4 training processes"),
     (["--max-requeues", "-1", "--", "t.py"], "cannot be negative"),
+    (["--max-restarts", "-1", "--", "t.py"], "--max-restarts cannot be negative (got -1)"),
+    (["--collective-timeout", "0", "--", "t.py"], "--collective-timeout must be a positive number of seconds"),
+    (["--init-timeout", "-5", "--", "t.py"], "--init-timeout must be a positive number of seconds"),
+    (["--collective-timeout", "60", "--init-timeout", "30", "--", "t.py"], "--init-timeout (30) must be at least"),
+    (["--collective-timeout", "soon", "--", "t.py"], "takes a number of seconds"),
+    (["--collective-timeout", "60", "--", "t.py", "--collective-timeout", "9"], "keep one"),
 ])
 def test_bad_input_is_one_clear_usage_error(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError) as info:
         slurm.parse_submit_args(argv)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_fault_options_reach_the_job_command_line() -> None:
+    text = render(["--nodes", "2", "--max-restarts", "2", "--collective-timeout", "120", "--init-timeout", "900",
+                   "--", "recipes/classify.py"])
+    assert "ARGS=(recipes/classify.py --collective-timeout 120 --init-timeout 900)" in text
+    assert "accelerate launch --multi_gpu --max_restarts 2 \\\n" in text
+    assert "--max_restarts" not in render(["--nodes", "2", "--", "recipes/classify.py"])
 
 
 def test_cli_reports_usage_errors_in_one_line_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -286,7 +300,8 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--mem", "--time", "--partition", "--account",
                  "--qos", "--constraint", "--job-name", "--output-dir", "--log-dir", "--accelerate-config",
-                 "--setup", "--env", "--signal-grace", "--max-requeues", "--sweep", "--array", "--dry-run"):
+                 "--setup", "--env", "--signal-grace", "--max-requeues", "--collective-timeout", "--init-timeout",
+                 "--max-restarts", "--sweep", "--array", "--dry-run"):
         assert flag in out
 
 

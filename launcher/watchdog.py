@@ -1,0 +1,245 @@
+"""A rank that stops making progress ends the job within a bound, and the error names that rank.
+
+Torch alone waits 30 minutes (gloo) or 10 (NCCL) in a collective whose peer has stopped, and the rank
+that times out first names nobody: it is the victim, not the culprit. Here every rank runs one daemon
+thread that reads the loop's progress counter (the step position `fit` keeps anyway, so the training step
+itself pays nothing) about once a second. When it has not moved for the bound of the current phase:
+
+1. `monitored_barrier(wait_all_ranks=True)` on a gloo group of the watchdog's own: every live rank's
+   thread arrives (its main thread may be blocked in a collective; the thread is not). Rank 0 learns
+   exactly which ranks did not arrive: processes that are stopped (SIGSTOP, state T), frozen or gone.
+   Rank 0 publishes that list under one key of the rendezvous store; the others read it (a rank 0 that
+   does not answer is itself the culprit).
+2. If every rank arrived (all alive, none progressing), the ranks exchange where their main thread is.
+   A rank whose main thread is waiting inside torch (a collective, the backward's all-reduce) is a victim;
+   the others (stuck in a data loader, a deadlock in user code) are the culprits.
+3. A live rank on the same host as a culprit SIGKILLs it (a stopped process never handles the SIGTERM
+   torchrun sends first, and torchrun waits 30 s before its SIGKILL); the lowest healthy rank prints one
+   line naming the culprit ranks and hosts; every live rank leaves with `os._exit(EXIT_HUNG)`, so torchrun
+   (and srun) see the failure at once and tear the rest down.
+
+Phases: training steps are bounded by `collective_timeout`. Start-up (up to the first step, which
+includes the first batch and any compilation), validation, checkpoint writes and the final save are
+bounded by `init_timeout`; the process group's own timeout follows the phase (torch's `_set_pg_timeout`)
+as a backstop a little beyond the watchdog's bound.
+
+At 1,000 ranks: nothing is written per step; each rank's thread wakes about once a second and reads an
+integer. At start-up each rank publishes its host and pid once (one all_gather). When a hang is detected:
+one monitored barrier (rank 0 receives 999 small messages), one store key written and read by every
+rank, one `store.add` per rank. The gloo group is idle until then (2 sleeping threads per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher.errors import EXIT_HUNG
+from launcher.timeouts import Timeouts
+
+# Set when the job ends because a rank hung: one line for the batch script to repeat (launcher submit).
+FAULT_FILE_ENV = "LAUNCHER_FAULT_FILE"
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+def nccl_environment() -> dict[str, str]:
+    """The NCCL watchdog and flight-recorder settings `make_accelerator` sets (unless already set) on GPUs.
+
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a collective past the group's timeout aborts the communicator and
+      ends the process (the backstop behind this module's watchdog), instead of blocking forever.
+    - TORCH_NCCL_TRACE_BUFFER_SIZE=2000 and TORCH_NCCL_DUMP_ON_TIMEOUT=1: the flight recorder keeps the
+      last 2,000 collectives per rank and dumps them on a timeout, to TORCH_NCCL_DEBUG_INFO_TEMP_FILE
+      (default /tmp/nccl_trace_rank_<rank>); `torchfrtrace` (torch.distributed.flight_recorder) reads them.
+    - TORCH_NCCL_ENABLE_MONITORING=1: a heartbeat thread ends the process if NCCL's own watchdog hangs.
+    """
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_ENABLE_MONITORING": "1"}
+
+
+class NoWatchdog:
+    """What a run without a process group to watch gets: the same interface, doing nothing."""
+
+    def training(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def slow(self) -> Iterator[None]:
+        yield
+
+    def close(self) -> None:
+        pass
+
+
+NO_WATCHDOG = NoWatchdog()
+
+
+class Watchdog(NoWatchdog):
+    """Start on every rank at the same point (it creates a process group); `close` on every rank."""
+
+    def __init__(self, progress: Callable[[], Any], timeouts: Timeouts):
+        self.progress, self.timeouts = progress, timeouts
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # SLURM's node name where there is one: on a cluster it is what a user looks up (sinfo, scontrol).
+        self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        # The phase's bound; written by the main thread at phase changes only, read by the thread.
+        self._bound, self._since, self._warm = timeouts.init, time.monotonic(), False
+        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeouts.init))
+        peers: list[Any] = [None] * self.world
+        dist.all_gather_object(peers, (self.host, os.getpid()), group=self._group)
+        self.peers: list[tuple[str, int]] = [tuple(p) for p in peers]
+        # One namespace per torchrun attempt: a restarted job must not read a dead attempt's verdict.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._store = dist.PrefixStore(f"launcher-watchdog/{attempt}/", dist.distributed_c10d._get_default_store())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- main thread: phase changes
+
+    def training(self) -> None:
+        """Steps follow: bounded by the collective timeout (once the first step has been made)."""
+        self._set_phase(self.timeouts.collective)
+
+    @contextlib.contextmanager
+    def slow(self) -> Iterator[None]:
+        """Validation, a checkpoint write: bounded by the init timeout."""
+        previous = self._bound
+        self._set_phase(self.timeouts.init)
+        try:
+            yield
+        finally:
+            self._set_phase(previous)
+
+    def _set_phase(self, bound: float) -> None:
+        self._bound, self._since = bound, time.monotonic()
+        # The group's own timeout backs the watchdog up, a little later than it fires.
+        backstop = bound + 3 * self.timeouts.grace + self.timeouts.poll
+        with contextlib.suppress(Exception):  # private API: its absence only loses the backstop
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=backstop))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):  # also on the way out of a failed run: never mask its error
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=self.timeouts.init))
+            dist.destroy_process_group(self._group)
+
+    # ---------------------------------------------------------------- the watchdog thread
+
+    def _watch(self) -> None:
+        last, changed = self.progress(), time.monotonic()
+        while not self._stop.wait(self.timeouts.poll):
+            now, current = time.monotonic(), self.progress()
+            if current != last:
+                last, changed, self._warm = current, now, True
+            bound = self._bound if self._warm else self.timeouts.init
+            stalled = now - max(changed, self._since)
+            if stalled > bound and not self._stop.is_set():
+                self._fire(stalled, current)
+                return
+
+    def _fire(self, stalled: float, position: Any) -> None:
+        try:
+            culprits, how = self._find_culprits()
+        except Exception as err:  # noqa: BLE001 - whatever happens, the job must still end
+            culprits, how = [], f"the culprit could not be determined ({type(err).__name__}: {err})"
+        healthy = [r for r in range(self.world) if r not in culprits]
+        for rank in culprits:
+            host, pid = self.peers[rank]
+            if host == self.host and pid != os.getpid():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        if healthy and self.rank == healthy[0]:
+            named = ", ".join(f"rank {r} on {self.peers[r][0]} (pid {self.peers[r][1]})" for r in culprits)
+            line = (f"launcher: {named or 'no rank could be named'} stopped making progress: no training "
+                    f"step for {stalled:.0f} s (bound {self._bound:g} s, at position {position}); "
+                    f"{how}; ending the job (exit {EXIT_HUNG})")
+            print(line, file=sys.stderr, flush=True)
+            fault_file = os.environ.get(FAULT_FILE_ENV)
+            if fault_file:
+                with contextlib.suppress(OSError):
+                    Path(fault_file).write_text(line + "\n")
+        os._exit(EXIT_HUNG)
+
+    def _find_culprits(self) -> tuple[list[int], str]:
+        if self.world == 1:
+            return [0], "it is the only rank"
+        grace = timedelta(seconds=self.timeouts.grace)
+        self._store.set_timeout(grace)  # a frozen store host must not hold us for the init timeout
+        try:
+            dist.monitored_barrier(group=self._group, timeout=grace, wait_all_ranks=True)
+            missing = None
+        except RuntimeError as err:
+            missing = _missing_ranks(str(err), self.rank)
+        if missing == []:
+            raise RuntimeError("monitored_barrier failed without naming a rank")
+        if missing is None:  # every rank is alive: ask where each one's main thread is
+            return self._stuck_main_threads()
+        if self.rank == 0:
+            self._store.set("verdict", json.dumps(missing))
+            # Wait (briefly) until the healthy ranks have read it: with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+            # the store lives in this process, and our exit would take it away.
+            expected = self.world - 1 - len(missing)
+            deadline = time.monotonic() + self.timeouts.grace
+            while self._store.add("read", 0) < expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return missing, "it did not reach a monitored barrier that every other rank reached"
+        try:
+            self._store.wait(["verdict"], grace)
+            verdict = json.loads(self._store.get("verdict"))
+            self._store.add("read", 1)
+            return verdict, "it did not reach a monitored barrier that every other rank reached"
+        except Exception:  # noqa: BLE001 - rank 0 (or its host's store) did not answer
+            return [0], "rank 0 did not answer the monitored barrier"
+
+    def _stuck_main_threads(self) -> tuple[list[int], str]:
+        where = _main_thread_location()
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, where, group=self._group)
+        culprits = [r for r, (in_torch, _) in enumerate(states) if not in_torch]
+        if not culprits:
+            return list(range(self.world)), (f"every rank is alive and waiting inside torch (mismatched "
+                                             f"collectives?); rank 0 is at {states[0][1]}")
+        return culprits, "its main thread is not in a collective: " + "; ".join(
+            f"rank {r} at {states[r][1]}" for r in culprits)
+
+
+def _missing_ranks(message: str, rank: int) -> list[int]:
+    """Ranks a gloo monitored_barrier error names. Rank 0 lists the ranks that did not arrive ("Ranks 1, 3
+    failed to pass monitoredBarrier"); the others only see that rank 0 did not answer them."""
+    match = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    if match:
+        return [int(r) for r in re.findall(r"\d+", match.group(1))]
+    if rank != 0:
+        return [0]
+    return []
+
+
+def _main_thread_location() -> tuple[bool, str]:
+    """(whether the main thread's innermost Python frame is in torch, 'file:line in function')."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return False, "unknown"
+    code = frame.f_code
+    return code.co_filename.startswith(_TORCH_DIR), f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+
+
+def start_watchdog(progress: Callable[[], Any], timeouts: Timeouts) -> NoWatchdog:
+    """A Watchdog when this process is part of a process group, else the no-op one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return NO_WATCHDOG
+    return Watchdog(progress, timeouts)
