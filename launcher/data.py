@@ -96,7 +96,9 @@ class TensorBatchedDataset(BatchedDataset):
         self.labels = labels
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = getattr(indices, "tensor", None)  # EpochIndices from ElasticBatchSampler carry it
+        if idx is None:
+            idx = torch.as_tensor(indices, dtype=torch.long)
         return self.inputs[idx], self.labels[idx]
 
 

@@ -1,6 +1,7 @@
 """The epoch loop: written once, run unchanged on CPU, one GPU, many GPUs and many nodes.
 
-`fit` lets Accelerate prepare the model, optimizer, dataloaders and scheduler, then trains and validates
+`fit` lets Accelerate prepare the model, optimizer, dataloaders and scheduler (loaders from
+launcher.data.make_loader are sharded by their own sampler and left alone), then trains and validates
 the way a careful practitioner does: train()/eval() modes, no gradients in evaluation, gradient
 accumulation through `accelerator.accumulate`, clipping on real optimizer steps, mixed precision from the
 accelerate config, LR scheduling, early stopping decided from all-reduced metrics (so every rank agrees).
@@ -45,7 +46,7 @@ from launcher.checkpoint import (
 from launcher.errors import EXIT_PREEMPTED
 from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
-from launcher.sampling import ElasticBatchSampler, find_elastic_sampler, share
+from launcher.sampling import ElasticBatchSampler, find_elastic_sampler, iterate, share
 from launcher.tracking import NullTracker, Tracker
 
 Batch = Any
@@ -176,7 +177,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
     # Without native AMP, accelerator.autocast() is a nullcontext; building it costs ~5 us per batch.
     autocast = accelerator.autocast if accelerator.native_amp else _no_autocast
     model.eval()
-    for batch in loader:
+    for batch in iterate(loader) if elastic else loader:
         if move:
             batch = send_to_device(batch, accelerator.device, non_blocking=True)
         inputs, targets = unpack_batch(batch)
@@ -258,7 +259,9 @@ def fit(
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
-    model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate.
+    model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate, except loaders
+        built on launcher.sampling.ElasticBatchSampler (make_loader), which continue exactly at any world
+        size (docs/data.md).
     loss_fn: e.g. `nn.CrossEntropyLoss()`; fit uses per-sample losses (reduction='none') for exact metrics.
     num_classes: size of the confusion matrix.
     accelerator: defaults to `make_accelerator(grad_accum=grad_accum, seed=seed)`.
@@ -452,7 +455,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
         # The sampler continues at the global position: no batches to skip, nothing for Accelerate to shard.
         run.train_sampler.set_epoch(epoch, start=state.samples_done)
         feed = _ElasticFeed(acc, run.train_sampler, backward)
-        loader, total_batches, done_before = train_loader, feed.epoch_batches, feed.epoch_batches - len(feed)
+        loader, total_batches, done_before = iterate(train_loader), feed.epoch_batches, feed.epoch_batches - len(feed)
         accumulate, backward = feed.accumulate, feed.backward
     else:
         train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume

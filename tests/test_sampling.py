@@ -102,3 +102,36 @@ def test_bad_arguments_say_what_is_wrong():
         ElasticBatchSampler(10, 0)
     with pytest.raises(ValueError, match="start 11"):
         ElasticBatchSampler(10, 2).set_epoch(0, start=11)
+
+
+class EpochEcho(torch.utils.data.Dataset):
+    """Returns the indices it was asked for and the epoch that came with them."""
+
+    def __len__(self):
+        return 10
+
+    def __getitems__(self, indices):
+        return torch.tensor(list(indices)), getattr(indices, "epoch", -1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_make_loader_shards_by_rank_and_hands_the_epoch_to_workers(workers):
+    from launcher.data import make_loader
+    from launcher.sampling import iterate
+
+    loader = make_loader(EpochEcho(), 4, shuffle=True, num_workers=workers, seed=2, rank=1, world_size=2)
+    loader.batch_sampler.set_epoch(3)
+    order = epoch_order(10, 2, 3).tolist()
+    for batches_ in (list(loader), list(iterate(loader))):
+        assert [e for _, e in batches_] == [3, 3]
+        # global batches of 8 then 2: rank 1 takes order[4:8], then the second sample of the last one
+        assert torch.cat([i for i, _ in batches_]).tolist() == order[4:8] + order[9:10]
+
+
+def test_loader_draws_nothing_from_the_global_rng():
+    from launcher.data import make_loader
+
+    loader = make_loader(EpochEcho(), 4, shuffle=True, num_workers=1)
+    before = torch.get_rng_state()
+    list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
