@@ -285,7 +285,9 @@ def fit(
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
     tracker = tracker if tracker is not None else NullTracker()
     model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
+    train_sampler = find_elastic_sampler(train_loader)
+    batches_per_epoch = train_sampler.batches_per_epoch if train_sampler is not None else len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / accelerator.gradient_accumulation_steps)
     sched = scheduler(optimizer.optimizer, steps_per_epoch * epochs) if scheduler else None
     plateau = sched if isinstance(sched, ReduceLROnPlateau) else None
     step_sched = accelerator.prepare_scheduler(sched) if sched is not None and plateau is None else None
@@ -297,7 +299,7 @@ def fit(
         save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
-        train_sampler=find_elastic_sampler(train_loader),
+        train_sampler=train_sampler,
     )
     if run.output_dir is not None:
         if accelerator.is_main_process:
@@ -547,7 +549,7 @@ class _ElasticFeed:
         self.accum = acc.gradient_accumulation_steps
         self.world = sampler.world_size
         self.sizes = sampler.global_sizes()
-        self.epoch_batches = -(-sampler.num_samples // sampler.global_batch_size)
+        self.epoch_batches = sampler.batches_per_epoch
         self.position, self.index = sampler.start, -1
         self.move = acc.device.type != "cpu"
         self.no_sync = acc.num_processes > 1 and not acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)

@@ -117,6 +117,12 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
     def __len__(self) -> int:
         return -(-(self.end - self.start) // self.global_batch_size)
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch (from position 0), whatever `start` is now."""
+        g = self.global_batch_size
+        return self.num_samples // g if self.drop_last else -(-self.num_samples // g)
+
     def global_sizes(self) -> list[int]:
         """The size of every global batch from `start` (the loop derives gradient weights from it)."""
         g, end = self.global_batch_size, self.end

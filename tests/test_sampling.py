@@ -135,3 +135,10 @@ def test_loader_draws_nothing_from_the_global_rng():
     before = torch.get_rng_state()
     list(loader)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_batches_per_epoch_does_not_depend_on_the_position():
+    sampler = ElasticBatchSampler(100, 16, world_size=3)
+    sampler.set_epoch(0, start=60)
+    assert sampler.batches_per_epoch == 3 and len(sampler) == 1
+    assert ElasticBatchSampler(100, 16, world_size=3, drop_last=True).batches_per_epoch == 2
