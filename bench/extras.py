@@ -96,7 +96,7 @@ def _eval_cases(w, seed: int) -> dict:
 # ------------------------------------------------------------------------------------------ loader
 
 SLICING = "slicing pre-made tensors (leanest loop)"
-WORKER = "recipe make_loader, 1 worker (wall only)"
+WORKERS = tuple(f"recipe make_loader, {k} worker{'s' if k > 1 else ''} (wall only)" for k in (1, 2))
 
 
 def loader(args, workloads: dict) -> tuple[dict, str]:
@@ -108,7 +108,8 @@ def loader(args, workloads: dict) -> tuple[dict, str]:
     for name, w in workloads.items():
         n, bs = len(w.splits.train), w.batch_size
         cases = _loader_cases(w, args.seed)
-        cases[WORKER]()  # start the persistent worker outside the timing
+        for case in WORKERS:
+            cases[case]()  # start the persistent workers outside the timing
         res = _interleaved(cases, 2 if args.smoke else {"mlp": 15, "cnn": 9}[name], args.seed)
         del cases
         batches = -(-n // bs)
@@ -116,7 +117,7 @@ def loader(args, workloads: dict) -> tuple[dict, str]:
             r.update(samples_per_s_cpu=n / r["cpu_s"], samples_per_s_wall=n / r["wall_s"],
                      us_per_batch_cpu=r["cpu_s"] / batches * 1e6, cpu_x_slicing=r["cpu_s"] / res[SLICING]["cpu_s"])
             cpu_cols = ["", "", ""]
-            if case != WORKER:  # a worker's CPU time is not this process's
+            if case not in WORKERS:  # a worker's CPU time is not this process's
                 cpu_cols = [f"{r['samples_per_s_cpu']:,.0f}", f"{r['us_per_batch_cpu']:.1f}",
                             f"{r['cpu_x_slicing']:.2f}x"]
             lines.append(f"| {name} | {case} | {cpu_cols[0]} | {r['samples_per_s_wall']:,.0f} | {cpu_cols[1]} | "
@@ -128,7 +129,10 @@ def loader(args, workloads: dict) -> tuple[dict, str]:
 def _loader_cases(w, seed: int) -> dict:
     from bench.loops import reset_accelerate_state
     from launcher import make_accelerator
-    from launcher.data import make_loader
+    from torch.utils.data import DataLoader
+
+    from launcher.data import batched_collate, make_loader
+    from launcher.sampling import iterate
 
     reset_accelerate_state()
     acc = make_accelerator(seed=seed)
@@ -148,13 +152,26 @@ def _loader_cases(w, seed: int) -> dict:
                 pass
         return run
 
+    def drain_direct(loader):
+        def run():
+            for _ in iterate(loader):
+                pass
+        return run
+
     return {
         SLICING: slicing,
         "peers' DataLoader (TensorDataset)": drain(w.peer_loaders(seed)[0]),
         "peers' DataLoader, accelerate-prepared": drain(acc.prepare_data_loader(w.peer_loaders(seed)[0])),
-        "recipe make_loader (batched __getitems__)": drain(w.recipe_loaders()[0]),
-        "recipe make_loader, accelerate-prepared": drain(acc.prepare_data_loader(w.recipe_loaders()[0])),
-        WORKER: drain(make_loader(w.splits.train, bs, shuffle=True, num_workers=1)),
+        # What make_loader built before the elastic sampler: the DataLoader's own per-index BatchSampler,
+        # sharded by Accelerate's prepare().
+        "DataLoader(batch_size, shuffle) over the recipe's dataset": drain(
+            DataLoader(w.splits.train, batch_size=bs, shuffle=True, collate_fn=batched_collate)),
+        "the same, accelerate-prepared (the recipe before)": drain(acc.prepare_data_loader(
+            DataLoader(w.splits.train, batch_size=bs, shuffle=True, collate_fn=batched_collate))),
+        "recipe make_loader (ElasticBatchSampler), iterated as a DataLoader": drain(w.recipe_loaders()[0]),
+        "recipe make_loader as fit iterates it (0 workers, direct fetch)": drain_direct(w.recipe_loaders()[0]),
+        **{case: drain(make_loader(w.splits.train, bs, shuffle=True, num_workers=k))
+           for k, case in zip((1, 2), WORKERS)},
     }
 
 

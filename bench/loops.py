@@ -336,6 +336,12 @@ def launcher_recipe(w: Workload, epochs: int, seed: int, device: torch.device) -
     return _launcher_fit(w, epochs, seed, device, w.recipe_loaders())
 
 
+def launcher_recipe_before(w: Workload, epochs: int, seed: int, device: torch.device) -> Run:
+    """launcher.fit over the recipe's data path as it was before the elastic sampler: the same datasets
+    behind a DataLoader with its per-index BatchSampler, prepared (sharded) by Accelerate."""
+    return _launcher_fit(w, epochs, seed, device, w.plain_recipe_loaders(seed))
+
+
 # name -> (function, what the row means)
 VARIANTS = {
     "lean_tensors": (lean_tensors, "leanest loop, pre-made tensors, shuffled index"),
@@ -346,4 +352,6 @@ VARIANTS = {
     "launcher_fit": (launcher_fit, "launcher fit, defaults, peers' DataLoader"),
     "lean_recipe_loader": (lean_recipe_loader, "lean loop over the recipe's loader"),
     "launcher_recipe": (launcher_recipe, "launcher fit, recipe data path (datasets)"),
+    "launcher_recipe_before": (launcher_recipe_before, "launcher fit, recipe datasets, DataLoader + Accelerate "
+                               "sharding (the data path before the elastic sampler)"),
 }

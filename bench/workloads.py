@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from launcher.data import DataSplits, load_splits, make_loader
+from launcher.data import DataSplits, batched_collate, load_splits, make_loader
 from launcher.models import build_model
 
 LR, WEIGHT_DECAY = 1e-3, 0.01  # the recipe's AdamW defaults
@@ -59,6 +59,13 @@ class Workload:
         generator = torch.Generator().manual_seed(seed)
         train = DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=True, generator=generator)
         return train, DataLoader(TensorDataset(xv, yv), batch_size=self.batch_size, shuffle=False)
+
+    def plain_recipe_loaders(self, seed: int) -> tuple[DataLoader, DataLoader]:
+        """The recipe's datasets behind plain DataLoaders (what make_loader built before ElasticBatchSampler)."""
+        generator = torch.Generator().manual_seed(seed)
+        return (DataLoader(self.splits.train, batch_size=self.batch_size, shuffle=True, generator=generator,
+                           collate_fn=batched_collate),
+                DataLoader(self.splits.val, batch_size=self.batch_size, shuffle=False, collate_fn=batched_collate))
 
     def recipe_loaders(self) -> tuple[DataLoader, DataLoader]:
         """The recipe's loaders over load_splits' datasets (one __getitems__ per batch)."""

@@ -85,6 +85,9 @@ class TrainerState:
 
     epoch: int = 0  # index of the epoch in progress (the next one once `batches_done` is 0)
     batches_done: int = 0  # micro-batches of `epoch` already trained (per process)
+    # Samples of `epoch` consumed by all ranks together at the last optimizer step: the position a resume
+    # continues from, at any world size (launcher.sampling). 0 in checkpoints from before it existed.
+    samples_done: int = 0
     global_step: int = 0  # optimizer steps taken
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
     best_value: float | None = None
@@ -290,7 +293,8 @@ class CheckpointManager:
         if scaler is not None:
             files["scaler.pt"] = lambda p: torch.save(scaler.state_dict(), p)
         manifest = {"format": FORMAT_VERSION, "step": state.global_step, "epoch": state.epoch,
-                    "batches_done": state.batches_done, "reason": state.reason,
+                    "batches_done": state.batches_done,
+                    "samples_done": state.samples_done, "reason": state.reason,
                     "owner": getattr(self.lease, "run_id", None),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": {}}
         for i, (fname, write) in enumerate(files.items()):

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from launcher.errors import UsageError
+from launcher.sampling import ElasticBatchSampler
 
 # Inputs smaller than this (as float32, train + val) are materialized once as tensors and batches are
 # plain tensor indexing. Larger ones stay in Arrow (memory-mapped) and are read batch by batch.
@@ -95,7 +96,9 @@ class TensorBatchedDataset(BatchedDataset):
         self.labels = labels
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = getattr(indices, "tensor", None)  # EpochIndices from ElasticBatchSampler carry it
+        if idx is None:
+            idx = torch.as_tensor(indices, dtype=torch.long)
         return self.inputs[idx], self.labels[idx]
 
 
@@ -128,23 +131,52 @@ def batched_collate(batch: Any) -> Any:
 
 
 def make_loader(
-    ds: Dataset, batch_size: int, *, shuffle: bool, num_workers: int = 0, drop_last: bool = False
+    ds: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> DataLoader:
-    """A standard DataLoader (Accelerate's prepare() can re-shard it) over a dataset from `load_splits`.
+    """A DataLoader over a dataset from `load_splits`, already sharded for this rank.
 
-    With CUDA, batches are pinned so that the copy to the GPU (non-blocking, see make_accelerator) does not
-    make the host wait for the GPU on every step.
+    Batches come from an `ElasticBatchSampler` (launcher.sampling): the epoch's order is a function of
+    (seed, epoch), rank r takes its slice of each global batch (`batch_size` per process), no sample is
+    repeated to pad the last batch. `fit` and `evaluate` recognize such loaders and do not let Accelerate
+    re-shard them. Rank and world size come from torch.distributed (or Accelerate's state) unless given.
+
+    The loader has a generator of its own: the base seed of its workers is drawn from it, not from the
+    global RNG, so the training's random stream (dropout) does not depend on when workers start. With
+    CUDA, batches are pinned so that the non-blocking copy to the GPU does not make the host wait.
     """
+    if rank is None or world_size is None:
+        rank, world_size = _rank_and_world_size()
+    sampler = ElasticBatchSampler(len(ds), batch_size, rank=rank, world_size=world_size, seed=seed,
+                                  shuffle=shuffle, drop_last=drop_last)
     return DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=sampler,
         collate_fn=batched_collate,
         num_workers=num_workers,
-        drop_last=drop_last,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size: torch.distributed's group, else Accelerate's state, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:  # only read a state someone built: building one here would init a group
+        state = PartialState()
+        return state.process_index, state.num_processes
+    return 0, 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The epoch loop: written once, run unchanged on CPU, one GPU, many GPUs and many nodes.
 
-`fit` lets Accelerate prepare the model, optimizer, dataloaders and scheduler, then trains and validates
+`fit` lets Accelerate prepare the model, optimizer, dataloaders and scheduler (loaders from
+launcher.data.make_loader are sharded by their own sampler and left alone), then trains and validates
 the way a careful practitioner does: train()/eval() modes, no gradients in evaluation, gradient
 accumulation through `accelerator.accumulate`, clipping on real optimizer steps, mixed precision from the
 accelerate config, LR scheduling, early stopping decided from all-reduced metrics (so every rank agrees).
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, send_to_device, set_seed
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ from launcher.checkpoint import (
     first_error,
     plain_state_dict,
     read_checkpoint,
+    read_trainer_state,
     restore_rng,
     save_weights,
     write_json_atomic,
@@ -55,6 +57,7 @@ from launcher.lease import claim_for_ranks
 from launcher.metrics import VAL_METRIC_NAMES, ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.schedulers import replan
+from launcher.sampling import ElasticBatchSampler, find_elastic_sampler, iterate, share
 from launcher.tracking import NullTracker, Tracker
 from launcher.write_failures import main_writes, write_failed
 from launcher.timeouts import Timeouts
@@ -232,8 +235,10 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
     Pass `prepare=True` for a model/loader that Accelerate has not prepared yet.
     """
     accelerator = accelerator or make_accelerator()
+    elastic = find_elastic_sampler(loader) is not None  # sharded by its sampler: Accelerate must not re-shard it
     if prepare:
-        model, loader = accelerator.prepare(model, loader)
+        model, loader = (accelerator.prepare(model), loader) if elastic else accelerator.prepare(model, loader)
+    move = elastic and accelerator.device.type != "cpu"
     per_sample = per_sample_loss_fn(loss_fn)
     stats = ConfusionStats(num_classes, accelerator.device)
     was_training = model.training
@@ -241,7 +246,9 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
     # Without native AMP, accelerator.autocast() is a nullcontext; building it costs ~5 us per batch.
     autocast = accelerator.autocast if accelerator.native_amp else _no_autocast
     model.eval()
-    for batch in loader:
+    for batch in iterate(loader) if elastic else loader:
+        if move:
+            batch = send_to_device(batch, accelerator.device, non_blocking=True)
         inputs, targets = unpack_batch(batch)
         with autocast():
             outputs = model(inputs)
@@ -278,6 +285,9 @@ class FitRun:
     output_dir: Path | None  # None: nothing is written
     # What a checkpoint saves and a resume restores.
     state: TrainerState
+    # The training loader's ElasticBatchSampler (launcher.sampling), None for a loader Accelerate prepared:
+    # then the position is samples consumed globally and resume is exact at any world size.
+    train_sampler: ElasticBatchSampler | None = None
     # Per-launch bookkeeping.
     manager: CheckpointManager | None = None  # None when output_dir is None
     rng_to_restore: dict | None = None  # a mid-epoch resume restores the RNG after the loader's first draw
@@ -324,7 +334,9 @@ def fit(
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
-    model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate.
+    model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate, except loaders
+        built on launcher.sampling.ElasticBatchSampler (make_loader), which continue exactly at any world
+        size (docs/data.md).
     loss_fn: e.g. `nn.CrossEntropyLoss()`; fit uses per-sample losses (reduction='none') for exact metrics.
     num_classes: size of the confusion matrix.
     accelerator: defaults to `make_accelerator(grad_accum=grad_accum, seed=seed)`.
@@ -363,8 +375,10 @@ def fit(
     if best_metric not in VAL_METRIC_NAMES:
         raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
     tracker = tracker if tracker is not None else NullTracker()
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
+    model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
+    train_sampler = find_elastic_sampler(train_loader)
+    batches_per_epoch = train_sampler.batches_per_epoch if train_sampler is not None else len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / accelerator.gradient_accumulation_steps)
     sched = scheduler(optimizer.optimizer, steps_per_epoch * epochs) if scheduler else None
     plateau = sched if isinstance(sched, ReduceLROnPlateau) else None
     step_sched = accelerator.prepare_scheduler(sched) if sched is not None and plateau is None else None
@@ -376,6 +390,7 @@ def fit(
         save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
+        train_sampler=train_sampler,
     )
     own_lease = run.output_dir is not None and lease is None
     if own_lease:
@@ -417,7 +432,7 @@ def fit(
                                                    early_stopping_patience)
             if run.plateau is not None:
                 run.plateau.step(row[best_metric])
-            run.state.epoch, run.state.batches_done = epoch + 1, 0
+            run.state.epoch, run.state.batches_done, run.state.samples_done = epoch + 1, 0, 0
             run.state.train_stats, run.state.epoch_seconds, run.state.train_seconds = None, 0.0, 0.0
             if stop_early or run.state.epoch >= epochs:
                 run.state.finished = "early-stopped" if stop_early else "completed"  # recorded, see finished_reason
@@ -451,6 +466,24 @@ def fit(
             dist.destroy_process_group()
 
 
+def _prepare(acc: Accelerator, model: Any, optimizer: Any, train_loader: Any, val_loader: Any) -> tuple:
+    """Accelerate prepares the model, the optimizer and any plain loader. A loader built on an
+    ElasticBatchSampler (launcher.data.make_loader) is already sharded by its sampler and stays as it is:
+    Accelerate's re-sharding would pad its last batch with repeated samples and count its position per rank."""
+    loaders = [train_loader, val_loader]
+    plain = [i for i, loader in enumerate(loaders) if find_elastic_sampler(loader) is None]
+    for loader in loaders:
+        sampler = find_elastic_sampler(loader)
+        if sampler is not None and sampler.world_size != acc.num_processes:
+            raise ValueError(f"a loader's ElasticBatchSampler was built for {sampler.world_size} processes but this "
+                             f"run has {acc.num_processes}; build loaders after the Accelerator (make_loader reads "
+                             f"the process group)")
+    model, optimizer, *prepared = acc.prepare(model, optimizer, *(loaders[i] for i in plain))
+    for i, loader in zip(plain, prepared):
+        loaders[i] = loader
+    return model, optimizer, loaders[0], loaders[1]
+
+
 def _resume(run: FitRun, path: Path) -> None:
     """Load the checkpoint on every rank, all or nothing: every rank checks everything first, and only
     when all ranks could (one all-gather) does any rank apply it."""
@@ -468,27 +501,78 @@ def _resume(run: FitRun, path: Path) -> None:
         raise UsageError(f"cannot resume from {path}: {error}")
     apply_checkpoint(loaded, **targets)
     state, rng, stats = loaded.state, loaded.rng, loaded.stats
+    sampler = run.train_sampler
+    if sampler is not None and state.batches_done and not state.samples_done:
+        # A checkpoint from before samples_done existed: its per-process position, counted globally. It was
+        # written with Accelerate's shuffle order, so the rest of that epoch is not the same samples.
+        state.samples_done = min(state.batches_done * sampler.batch_size * state.world_size, sampler.num_samples)
     if state.world_size != acc.num_processes:
-        if state.batches_done:
-            # Per-process positions do not map one-to-one onto another world size: redo the epoch.
-            warnings.warn(f"checkpoint {path} was written by {state.world_size} processes, this run has "
-                          f"{acc.num_processes}: the interrupted epoch restarts from its beginning and the "
-                          f"result is not bit-identical to an uninterrupted run", stacklevel=3)
-            state.batches_done, state.train_stats, state.epoch_seconds = 0, None, 0.0
-            state.train_seconds = 0.0
-            stats = None
-        rng = None
+        if sampler is not None:
+            stats, rng = _elastic_resume(run, path, state, stats, rng)
+        else:
+            if state.batches_done:
+                # Per-process positions of Accelerate's sharding do not map onto another world size.
+                warnings.warn(f"checkpoint {path} was written by {state.world_size} processes, this run has "
+                              f"{acc.num_processes}: the interrupted epoch restarts from its beginning and the "
+                              f"result is not bit-identical to an uninterrupted run (loaders from "
+                              f"launcher.data.make_loader continue exactly)", stacklevel=3)
+                state.batches_done, state.samples_done, state.train_stats = 0, 0, None
+                state.epoch_seconds, state.train_seconds = 0.0, 0.0
+                stats = None
+            rng = None
     run.state = TrainerState(**{**state.__dict__, "world_size": acc.num_processes,
                                 "config": run.state.config or state.config,
                                 "extra": {**state.extra, **run.state.extra}})
     run.rng_to_restore, run.resumed_stats, run.resumed_from = rng, stats, path
-    if rng is not None and run.state.batches_done == 0:
-        restore_rng(rng)  # the next epoch starts exactly where the saved run would have started it
+    if rng is not None and (run.state.batches_done == 0 or sampler is not None):
+        # The next epoch starts, or (an elastic loader, whose iterator draws nothing from the global RNG)
+        # the epoch continues, exactly where the saved run was.
+        restore_rng(rng)
         run.rng_to_restore = None
     if run.output_dir is not None and acc.is_main_process:
         _rewrite_metrics(run.output_dir, run.state.history)
     acc.print(f"resumed from {path} (epoch {run.state.epoch + 1}, step {run.state.global_step}, "
-              f"{run.state.batches_done} batches into the epoch)")
+              f"{run.state.batches_done} batches, {run.state.samples_done} samples into the epoch)")
+
+
+def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | None,
+                    rng: dict | None) -> tuple[dict | None, dict | None]:
+    """Resume a checkpoint of another world size with an elastic loader: the epoch continues at
+    `samples_done`, so every remaining sample is seen exactly once (not bit-identical: the global batch and
+    the ranks' random streams differ). Returns this rank's (partial-epoch statistics, RNG state)."""
+    acc, sampler = run.accelerator, run.train_sampler
+    if state.samples_done:
+        # The saved per-rank statistics are summed into rank 0's, so the epoch's all-reduce counts each once.
+        saved = [s for s in read_trainer_state(path).get("train_stats") or [] if s is not None]
+        stats = _sum_stats(saved, run.num_classes) if acc.is_main_process and saved else None
+    if rng is None:
+        # A rank the checkpoint did not have: a stream derived from the checkpoint's rank 0 and this rank.
+        set_seed(_derived_seed(path, acc.process_index))
+    old, new = sampler.batch_size * state.world_size, sampler.global_batch_size
+    keep = f"; --batch-size {old // acc.num_processes} keeps it" if old % acc.num_processes == 0 and old != new else ""
+    acc.print(f"checkpoint {path} was written by {state.world_size} processes, this run has {acc.num_processes}: "
+              f"the global batch is {new} samples ({sampler.batch_size} per process, was {old}){keep}; the "
+              f"epoch continues at sample {state.samples_done} of {sampler.num_samples}, every remaining sample "
+              f"seen exactly once")
+    state.batches_done = -(-state.samples_done // new)  # per process, for display only
+    return stats, rng
+
+
+def _sum_stats(saved: list[dict], num_classes: int) -> dict:
+    """ConfusionStats.state_dict()s of several ranks added together."""
+    total = ConfusionStats(num_classes, torch.device("cpu"))
+    for state in saved:
+        part = ConfusionStats(num_classes, torch.device("cpu"))
+        part.load_state_dict(state)
+        total.buffer.add_(part.buffer)
+    return total.state_dict()
+
+
+def _derived_seed(path: Path, rank: int) -> int:
+    ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
+    generator = torch.Generator()
+    generator.set_state(ranks[0]["torch"])
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) + rank
 
 
 def planned_steps(state: TrainerState, batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
@@ -579,13 +663,21 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
     if run.resumed_stats is not None:
         stats.load_state_dict(run.resumed_stats)
         run.resumed_stats = None
-    train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume
-    loader = acc.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
-    total_batches = len(train_loader)
-    remainder = last_batch_remainder(train_loader)
-    bar = tqdm(total=total_batches, initial=state.batches_done, desc=f"epoch {epoch + 1}/{epochs}",
-               disable=not (run.progress and acc.is_local_main_process), leave=False, dynamic_ncols=True)
     accumulate, backward, step = _step_functions(acc, optimizer)
+    feed = None
+    if run.train_sampler is not None:
+        # The sampler continues at the global position: no batches to skip, nothing for Accelerate to shard.
+        run.train_sampler.set_epoch(epoch, start=state.samples_done)
+        feed = _ElasticFeed(acc, run.train_sampler, backward)
+        loader, total_batches, done_before = iterate(train_loader), feed.epoch_batches, feed.epoch_batches - len(feed)
+        accumulate, backward = feed.accumulate, feed.backward
+    else:
+        train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume
+        loader = acc.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+        total_batches, done_before = len(train_loader), state.batches_done
+        remainder = last_batch_remainder(train_loader)
+    bar = tqdm(total=total_batches, initial=done_before, desc=f"epoch {epoch + 1}/{epochs}",
+               disable=not (run.progress and acc.is_local_main_process), leave=False, dynamic_ncols=True)
     clock = _EpochClock(state)
     run.log_mark = (time.perf_counter(), 0, 0.0, 0.0)
     model.train()
@@ -596,6 +688,8 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             # stream exactly where the interrupted run was.
             restore_rng(run.rng_to_restore)
             run.rng_to_restore = None
+        if feed is not None:
+            batch = feed.next(batch)
         inputs, targets = run.unpack(batch)
         with accumulate(model):
             outputs = model(inputs)
@@ -604,8 +698,11 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             if acc.sync_gradients and run.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), run.max_grad_norm)
             step()
-        valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, _batch_len(targets),
-                               acc.process_index)
+        if feed is None:
+            valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, _batch_len(targets),
+                                   acc.process_index)
+        else:
+            valid = None  # an elastic loader never repeats a sample
         stats.update(losses.float(), outputs, targets, valid)
         clock.samples += _batch_len(targets) if valid is None else valid
         state.batches_done += 1
@@ -616,10 +713,16 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
         if run.step_sched is not None and not acc.optimizer_step_was_skipped:
             run.step_sched.step()
         state.global_step += 1
+        if feed is not None:
+            state.samples_done, last = feed.position, feed.is_last
+        else:
+            state.samples_done = _plain_samples_done(train_loader, state.batches_done)
+            last = state.batches_done == total_batches
         if state.global_step % run.log_every == 0:
             _check_finite_local(run, stats)
-            _log_train(run, stats, clock, epoch + state.batches_done / total_batches, bar)
-        if state.batches_done == total_batches:
+            progress = state.samples_done / feed.sampler.num_samples if feed else state.batches_done / total_batches
+            _log_train(run, stats, clock, epoch + progress, bar)
+        if last:
             continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
         if watch.should_stop():
             clock.snapshot(stats)
@@ -633,6 +736,79 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
     run.train_metrics = stats.reduce()
     clock.snapshot(None)
     return True
+
+
+def _plain_samples_done(loader: Any, batches_done: int) -> int:
+    """The global position of a loader Accelerate prepared (its padding of the last batch not counted)."""
+    try:
+        return min(batches_done * loader.total_batch_size, len(loader.dataset))
+    except (TypeError, AttributeError):
+        return 0
+
+
+class _ElasticFeed:
+    """The micro-batches of an epoch from an ElasticBatchSampler, as the training loop consumes them.
+
+    Every rank yields one batch per global batch, so they all run the same steps; a rank's share of a short
+    last batch may be smaller than the others' (or empty). Per batch this decides:
+    - the gradient weight: DDP averages the ranks' gradients, so rank r's loss is its samples' losses
+      summed and scaled by world_size / (samples of the optimizer step, all ranks and micro-batches); when
+      every share is full this is exactly the mean, computed as before (bit-identical);
+    - whether the step ends here (every grad_accum batches and at the last one: Accelerate's own rule needs
+      its prepared loader to know the end of the epoch);
+    - the device copy (non-blocking; none on a CPU, where the loader's tensors already are).
+    """
+
+    def __init__(self, acc: Accelerator, sampler: ElasticBatchSampler, mean_backward: Callable) -> None:
+        self.acc, self.sampler, self.mean_backward = acc, sampler, mean_backward
+        self.accum = acc.gradient_accumulation_steps
+        self.world = sampler.world_size
+        self.sizes = sampler.global_sizes()
+        self.epoch_batches = sampler.batches_per_epoch
+        self.position, self.index = sampler.start, -1
+        self.move = acc.device.type != "cpu"
+        self.no_sync = acc.num_processes > 1 and not acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+        self.plain = getattr(mean_backward, "plain", False)  # losses.backward(weights) is what acc.backward does
+        self._weights: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def is_last(self) -> bool:
+        return self.index + 1 == len(self.sizes)
+
+    def next(self, batch: Batch) -> Batch:
+        self.index += 1
+        i = self.index
+        self.position += self.sizes[i]
+        sync = (i + 1) % self.accum == 0 or i + 1 == len(self.sizes)
+        if not self.plain:  # the plain path has set it once for good (one micro-batch per step)
+            self.acc.sync_gradients = sync
+        first = i - i % self.accum
+        self.step_samples = sum(self.sizes[first: min(first + self.accum, len(self.sizes))])
+        self.local = share(self.sizes[i], self.sampler.rank, self.world)[1]
+        return send_to_device(batch, self.acc.device, non_blocking=True) if self.move else batch
+
+    def accumulate(self, model: torch.nn.Module) -> Any:
+        if self.acc.sync_gradients or not self.no_sync:
+            return _NO_CONTEXT
+        return self.acc.no_sync(model)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        if self.local * self.world * self.accum == self.step_samples:
+            self.mean_backward(losses)  # every share full: the mean, exactly as without the sampler
+        elif self.plain:
+            scale = self.world / self.step_samples
+            key = (losses.shape[0], losses.dtype, losses.device, scale)
+            weight = self._weights.get(key)
+            if weight is None:
+                weight = self._weights[key] = torch.full_like(losses, scale)
+            losses.backward(weight)
+        else:
+            # accelerator.backward divides by grad_accum; an empty share still backpropagates (zeros) so
+            # that DDP's gradient all-reduce runs on every rank.
+            self.acc.backward(losses.sum() * (self.world * self.accum / self.step_samples))
 
 
 # Where Accelerate's backward and optimizer wrappers do nothing beyond forwarding when there is no scaler.
@@ -681,6 +857,7 @@ def _mean_backward() -> Callable[[torch.Tensor], None]:
             grad = grads[key] = torch.ones_like(losses) / losses.numel()
         losses.backward(grad)
 
+    backward.plain = True  # type: ignore[attr-defined]  # _ElasticFeed may call losses.backward(weights) too
     return backward
 
 
@@ -730,6 +907,7 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: 
         "step": state.global_step,
         "train_loss": run.train_metrics.loss,
         "train_accuracy": run.train_metrics.accuracy,
+        "train_samples": run.train_metrics.samples,  # each training sample counted once, at any world size
         **val.as_row("val"),
         "lr": run.optimizer.param_groups[0]["lr"],
         "epoch_seconds": state.epoch_seconds + time.perf_counter() - started,  # train + validation

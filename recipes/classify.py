@@ -102,7 +102,7 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
 def setup_model(config: TrainConfig, data: DataSplits) -> tuple[torch.nn.Module, int]:
     """The model and its number of outputs, checked against the labels on one sample."""
     model = build_model(config.model, data.input_shape, data.num_classes)
-    inputs, _ = next(iter(make_loader(data.val, 1, shuffle=False)))
+    inputs, _ = next(iter(make_loader(data.val, 1, shuffle=False, rank=0, world_size=1)))
     model.eval()
     with torch.no_grad():
         outputs = model(inputs)
@@ -139,7 +139,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     """Scores the split the checkpoint was validated on: its seed and val fraction come from its config."""
     load_model_weights(model, checkpoint)
     loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
-                         num_workers=config.num_workers)
+                         num_workers=config.num_workers, seed=config.seed)
     metrics = evaluate(model, loader, torch.nn.CrossEntropyLoss(), num_classes=num_classes,
                        accelerator=accelerator, prepare=True)
     if accelerator.is_main_process:
@@ -183,9 +183,12 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=config.best_mode,
                           factor=config.plateau_factor, patience=config.plateau_patience)
-    train_loader = make_loader(data.train, config.batch_size, shuffle=True, num_workers=config.num_workers)
+    # Sharded per rank by make_loader; the order is a function of (seed, epoch), the position a global
+    # sample count, so a resume continues exactly at any world size and worker count (docs/data.md).
+    train_loader = make_loader(data.train, config.batch_size, shuffle=True, num_workers=config.num_workers,
+                               seed=config.seed)
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
-                             num_workers=config.num_workers)
+                             num_workers=config.num_workers, seed=config.seed)
     # A checkpoint that validates but does not fit this model: --resume auto falls back to an older one.
     loadable = loadable_checkpoint(checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto",
                                    output_dir=output_dir, is_main=accelerator.is_main_process)

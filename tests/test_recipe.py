@@ -89,7 +89,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("nproc,eval_batch", [(1, 8), (1, 1000), (2, 64), (2, 13)])
 def test_eval_only_is_exact_for_any_world_and_batch_size(trained, tmp_path, nproc, eval_batch):
     """Same weights -> identical counts and loss whatever the processes and batch size (413 val samples
-    do not divide by 8, 2 x 13 or 2 x 64, so the samplers pad the last batch)."""
+    do not divide by 8, 2 x 13 or 2 x 64: the last global batch is short and split unevenly)."""
     ckpt = trained / "checkpoints" / "best"
     run(["--eval-only", "--resume", str(ckpt), "--eval-batch-size", str(eval_batch), "--val-fraction", "0.23",
          "--output-dir", str(tmp_path)], nproc=nproc)

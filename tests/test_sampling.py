@@ -1,0 +1,144 @@
+"""The elastic batch sampler as a pure function: orders, shares, positions (no processes needed)."""
+
+import pickle
+
+import pytest
+import torch
+
+from launcher.sampling import ElasticBatchSampler, EpochIndices, epoch_order, share
+
+
+def batches(n, batch_size, world, *, epoch=0, start=0, seed=0, shuffle=True, drop_last=False):
+    """Every rank's batches, as lists: result[rank][k] is rank's share of global batch k."""
+    out = []
+    for rank in range(world):
+        sampler = ElasticBatchSampler(n, batch_size, rank=rank, world_size=world, seed=seed, shuffle=shuffle,
+                                      drop_last=drop_last)
+        sampler.set_epoch(epoch, start=start)
+        got = [list(b) for b in sampler]
+        assert len(got) == len(sampler)
+        out.append(got)
+    return out
+
+
+def global_order(per_rank):
+    """The ids in the order the ranks consumed them together: global batch k is rank 0's, rank 1's, ..."""
+    return [i for k in range(len(per_rank[0])) for rank in per_rank for i in rank[k]]
+
+
+@pytest.mark.parametrize("n,batch_size,world", [(100, 8, 1), (100, 8, 3), (97, 16, 3), (7, 4, 4), (64, 8, 2)])
+def test_each_epoch_is_the_permutation_of_seed_and_epoch_at_any_world_size(n, batch_size, world):
+    order = epoch_order(n, seed=5, epoch=2).tolist()
+    per_rank = batches(n, batch_size, world, epoch=2, seed=5)
+    assert global_order(per_rank) == order
+    assert sorted(order) == list(range(n))
+    assert len({len(r) for r in per_rank}) == 1, "every rank yields the same number of batches"
+
+
+def test_orders_differ_between_epochs_and_seeds_and_none_without_shuffle():
+    a, b, c = epoch_order(50, 0, 0), epoch_order(50, 0, 1), epoch_order(50, 1, 0)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(epoch_order(50, 0, 1), b)
+    assert global_order(batches(50, 4, 3, shuffle=False)) == list(range(50))
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 3), (3, 2), (2, 1), (1, 4)])
+def test_resume_at_a_global_position_on_another_world_size_sees_every_sample_once(old_world, new_world):
+    n, batch_size = 359, 17
+    before = batches(n, batch_size, old_world, epoch=1)
+    steps_done = 3
+    consumed = global_order([r[:steps_done] for r in before])
+    start = len(consumed)
+    after = global_order(batches(n, batch_size, new_world, epoch=1, start=start))
+    assert sorted(consumed + after) == list(range(n))
+    assert consumed + after == epoch_order(n, 0, 1).tolist()
+
+
+def test_a_full_global_batch_gives_every_rank_the_batch_size():
+    per_rank = batches(96, 16, 3)
+    assert all(len(b) == 16 for rank in per_rank for b in rank)
+
+
+def test_the_short_last_batch_is_split_as_evenly_as_possible():
+    per_rank = batches(100, 16, 3)  # 2 full global batches of 48, then 4 samples
+    assert [len(rank[-1]) for rank in per_rank] == [2, 1, 1]
+    assert [share(4, r, 3) for r in range(3)] == [(0, 2), (2, 1), (3, 1)]
+
+
+def test_fewer_samples_than_ranks_gives_empty_batches_not_repeats():
+    per_rank = batches(98, 16, 3)  # 2 full global batches, then 2 samples for 3 ranks
+    assert [len(rank[-1]) for rank in per_rank] == [1, 1, 0]
+    assert sorted(global_order(per_rank)) == list(range(98))
+
+
+def test_drop_last_drops_only_a_short_last_global_batch():
+    per_rank = batches(100, 16, 3, drop_last=True)
+    assert len(per_rank[0]) == 2 and sorted(global_order(per_rank)) == sorted(epoch_order(100, 0, 0)[:96].tolist())
+    assert len(batches(96, 16, 3, drop_last=True)[0]) == 2
+
+
+def test_yields_epoch_indices_that_pickle_with_their_epoch():
+    sampler = ElasticBatchSampler(10, 4, seed=1)
+    sampler.set_epoch(7, start=2)
+    first = next(iter(sampler))
+    assert isinstance(first, EpochIndices) and first.epoch == 7 and len(first) == 4
+    again = pickle.loads(pickle.dumps(first))
+    assert again == first and again.epoch == 7
+    assert global_order([[list(b) for b in sampler]]) == epoch_order(10, 1, 7).tolist()[2:]
+
+
+def test_len_and_global_sizes_follow_the_position():
+    sampler = ElasticBatchSampler(100, 16, rank=1, world_size=3)
+    sampler.set_epoch(0, start=40)
+    assert len(sampler) == 2 and sampler.global_sizes() == [48, 12]
+    sampler.set_epoch(0, start=100)
+    assert len(sampler) == 0 and list(sampler) == []
+
+
+def test_bad_arguments_say_what_is_wrong():
+    with pytest.raises(ValueError, match="rank 3"):
+        ElasticBatchSampler(10, 2, rank=3, world_size=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        ElasticBatchSampler(10, 0)
+    with pytest.raises(ValueError, match="start 11"):
+        ElasticBatchSampler(10, 2).set_epoch(0, start=11)
+
+
+class EpochEcho(torch.utils.data.Dataset):
+    """Returns the indices it was asked for and the epoch that came with them."""
+
+    def __len__(self):
+        return 10
+
+    def __getitems__(self, indices):
+        return torch.tensor(list(indices)), getattr(indices, "epoch", -1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_make_loader_shards_by_rank_and_hands_the_epoch_to_workers(workers):
+    from launcher.data import make_loader
+    from launcher.sampling import iterate
+
+    loader = make_loader(EpochEcho(), 4, shuffle=True, num_workers=workers, seed=2, rank=1, world_size=2)
+    loader.batch_sampler.set_epoch(3)
+    order = epoch_order(10, 2, 3).tolist()
+    for batches_ in (list(loader), list(iterate(loader))):
+        assert [e for _, e in batches_] == [3, 3]
+        # global batches of 8 then 2: rank 1 takes order[4:8], then the second sample of the last one
+        assert torch.cat([i for i, _ in batches_]).tolist() == order[4:8] + order[9:10]
+
+
+def test_loader_draws_nothing_from_the_global_rng():
+    from launcher.data import make_loader
+
+    loader = make_loader(EpochEcho(), 4, shuffle=True, num_workers=1)
+    before = torch.get_rng_state()
+    list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_batches_per_epoch_does_not_depend_on_the_position():
+    sampler = ElasticBatchSampler(100, 16, world_size=3)
+    sampler.set_epoch(0, start=60)
+    assert sampler.batches_per_epoch == 3 and len(sampler) == 1
+    assert ElasticBatchSampler(100, 16, world_size=3, drop_last=True).batches_per_epoch == 2
