@@ -37,6 +37,14 @@ class TrainConfig:
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
                                     "when the dataset has no validation split")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
+    augment: str = _opt("none", "training-time augmentation of image inputs (standard: random resized crop and "
+                                "horizontal flip; validation is never augmented)", ("none", "standard"))
+    image_size: int | None = _opt(None, "resize every image to SIZE x SIZE (default: the first training image's "
+                                        "size)")
+    image_mean: list[str] | None = _opt(None, "per-channel mean of image pixels in [0, 1], comma-separated "
+                                              "(default: measured on a fixed sample of 512 training images)")
+    image_std: list[str] | None = _opt(None, "per-channel std of image pixels in [0, 1], comma-separated "
+                                             "(with --image-mean)")
     # model
     model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)")
     # optimisation

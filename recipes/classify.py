@@ -43,7 +43,9 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
             data = load_splits(config.dataset, image_column=config.image_column,
-                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed)
+                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed,
+                               augment=config.augment, image_size=config.image_size, image_mean=config.image_mean,
+                               image_std=config.image_std)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:
