@@ -37,6 +37,9 @@ class TrainConfig:
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
                                     "when the dataset has no validation split")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
+    streaming: bool = _opt(False, "stream the training split (parquet/arrow shards in DATASET/train/ and a "
+                                  "validation split in DATASET/validation/, or a Hub name) instead of indexing it")
+    shuffle_buffer: int = _opt(10_000, "rows in the shuffle buffer of --streaming")
     augment: str = _opt("none", "training-time augmentation of image inputs (standard: random resized crop and "
                                 "horizontal flip; validation is never augmented)", ("none", "standard"))
     image_size: int | None = _opt(None, "resize every image to SIZE x SIZE (default: the first training image's "
@@ -88,7 +91,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "keep_last": self.keep_last}
+                    "log_every": self.log_every, "keep_last": self.keep_last, "shuffle_buffer": self.shuffle_buffer}
         if self.eval_batch_size is not None:
             positive["eval_batch_size"] = self.eval_batch_size
         if self.save_every_steps is not None:

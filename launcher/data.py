@@ -129,8 +129,12 @@ def make_loader(
     """A standard DataLoader (Accelerate's prepare() can re-shard it) over a dataset from `load_splits`.
 
     With CUDA, batches are pinned so that the copy to the GPU (non-blocking, see make_accelerator) does not
-    make the host wait for the GPU on every step.
+    make the host wait for the GPU on every step. A stream (`--streaming`) gets its own resumable loader.
     """
+    from launcher.streaming import StreamingLoader, StreamingTrain
+
+    if isinstance(ds, StreamingTrain):
+        return StreamingLoader(ds, batch_size, num_workers)
     return DataLoader(
         ds,
         batch_size=batch_size,

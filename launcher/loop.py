@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
@@ -216,6 +216,9 @@ class FitRun:
     last_checkpoint: Path | None = None  # the folder the latest save wrote
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
+    # A training loader that keeps its own position (state_dict/load_state_dict, e.g. launcher.streaming's):
+    # every rank's state is saved in the checkpoint's extra["loader_states"] and restored on resume.
+    stateful_loader: Any = None
 
 
 def fit(
@@ -291,6 +294,8 @@ def fit(
             run.output_dir.mkdir(parents=True, exist_ok=True)
         run.manager = CheckpointManager(run.output_dir, keep_last=keep_last, is_main=accelerator.is_main_process)
         run.manager.clean_stale()
+    if hasattr(train_loader, "state_dict") and hasattr(train_loader, "load_state_dict"):
+        run.stateful_loader = train_loader
     if resume_from is not None:
         _resume(run, Path(resume_from))
 
@@ -351,6 +356,9 @@ def _resume(run: FitRun, path: Path) -> None:
                                 "config": run.state.config or state.config,
                                 "extra": {**state.extra, **run.state.extra}})
     run.rng_to_restore, run.resumed_stats = rng, stats
+    loader_states = state.extra.get("loader_states")
+    if run.stateful_loader is not None and loader_states and state.world_size == acc.num_processes:
+        run.stateful_loader.load_state_dict(loader_states[acc.process_index])
     if rng is not None and run.state.batches_done == 0:
         restore_rng(rng)  # the next epoch starts exactly where the saved run would have started it
         run.rng_to_restore = None
@@ -368,7 +376,9 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
         stats.load_state_dict(run.resumed_stats)
         run.resumed_stats = None
     train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume
-    loader = acc.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+    # A stateful loader resumes itself (its state came from the checkpoint); others skip consumed batches.
+    skip = state.batches_done and run.stateful_loader is None
+    loader = acc.skip_first_batches(train_loader, state.batches_done) if skip else train_loader
     total_batches = len(train_loader)
     remainder = last_batch_remainder(train_loader)
     bar = tqdm(total=total_batches, initial=state.batches_done, desc=f"epoch {epoch + 1}/{epochs}",
@@ -558,6 +568,8 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)
+    if run.stateful_loader is not None:  # a collective: every rank calls _save
+        state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
     path = run.manager.save(
         state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
         scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler)

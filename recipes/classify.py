@@ -27,6 +27,7 @@ from launcher.config import TrainConfig, parse_config
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
 from launcher.models import build_model
+from launcher.streaming import load_stream_splits
 from launcher.schedulers import from_name
 from launcher.tracking import run_metadata, start_tracker
 
@@ -42,10 +43,16 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
     error = None
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
-            data = load_splits(config.dataset, image_column=config.image_column,
-                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed,
-                               augment=config.augment, image_size=config.image_size, image_mean=config.image_mean,
-                               image_std=config.image_std)
+            if config.streaming:
+                if config.augment != "none":
+                    raise UsageError("--augment is not available with --streaming yet; use --augment none")
+                data = load_stream_splits(config.dataset, seed=config.seed, label_column=config.label_column,
+                                          image_column=config.image_column, buffer=config.shuffle_buffer)
+            else:
+                data = load_splits(config.dataset, image_column=config.image_column,
+                                   label_column=config.label_column, val_fraction=config.val_fraction,
+                                   seed=config.seed, augment=config.augment, image_size=config.image_size,
+                                   image_mean=config.image_mean, image_std=config.image_std)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:
