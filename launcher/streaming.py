@@ -25,6 +25,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -233,13 +234,18 @@ def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = No
     if path.is_dir():
         train_files, val_files = _local_shards(path)
         builder = _FILE_BUILDERS[Path(train_files[0]).suffix]
+        features = datasets.Features.from_arrow_schema(_schema(train_files[0]))
 
         def build() -> datasets.IterableDataset:
-            return datasets.load_dataset(builder, data_files=train_files, split="train", streaming=True)
+            # Our own reader: datasets' streaming parquet builder sleeps 5 s at the end of every pass (its
+            # workaround for apache/arrow#45214), at start-up and at every epoch end. A list in gen_kwargs
+            # is what datasets shards (one file a shard), shuffles and splits per rank and worker.
+            return datasets.IterableDataset.from_generator(_file_rows, features=features,
+                                                           gen_kwargs={"files": train_files})
 
         val = datasets.load_dataset(builder, data_files=val_files, split="train")
         num_shards = len(train_files)
-        num_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in train_files) if builder == "parquet" else None
+        num_rows = sum(_num_rows(f) for f in train_files)
     else:
         def build() -> datasets.IterableDataset:
             return datasets.load_dataset(dataset, split="train", streaming=True)
@@ -266,6 +272,31 @@ def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = No
     return DataSplits(train=train, val=val_ds, num_classes=len(names), input_shape=convert.shape,
                       class_names=names, name=dataset, val_source="its validation split (map-style)",
                       mean=convert.mean.flatten().tolist(), std=convert.std.flatten().tolist())
+
+
+def _schema(path: str) -> Any:
+    if path.endswith(".parquet"):
+        return pq.read_schema(path)
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).schema
+
+
+def _num_rows(path: str) -> int:
+    if path.endswith(".parquet"):
+        return pq.ParquetFile(path).metadata.num_rows
+    with pa.memory_map(path) as source:
+        return sum(len(b) for b in pa.ipc.open_stream(source))
+
+
+def _file_rows(files: list[str]) -> Iterator[dict]:
+    """Rows of parquet or arrow (save_to_disk) files, one record batch at a time."""
+    for path in files:
+        if path.endswith(".parquet"):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        else:
+            batches = pa.ipc.open_stream(pa.memory_map(path))
+        for batch in batches:
+            yield from batch.to_pylist()
 
 
 def _undecoded(ds: datasets.IterableDataset, convert: RowConverter) -> datasets.IterableDataset:

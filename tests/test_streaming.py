@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from launcher.checkpoint import list_checkpoints, read_trainer_state
+from launcher.data import make_loader
+from launcher.errors import UsageError
+from launcher.streaming import load_stream_splits
 from tests.helpers import make_env, read_metrics, run, signal_tree, start, wait_for
-
-pytestmark = pytest.mark.slow
 
 ROWS, SHARDS = 512, 8
 
@@ -55,6 +56,7 @@ ARGS = ["--streaming", "--model", "tests.stream_probe:factory", "--epochs", "1",
         "--num-workers", "2", "--shuffle-buffer", "64", "--save-every-steps", "3", "--scheduler", "constant"]
 
 
+@pytest.mark.slow
 def test_streaming_killed_and_resumed_sees_every_sample_once(shards, tmp_path):
     out, first, second = tmp_path / "run", tmp_path / "probe1", tmp_path / "probe2"
     first.mkdir()
@@ -77,10 +79,26 @@ def test_streaming_killed_and_resumed_sees_every_sample_once(shards, tmp_path):
     assert row["epoch"] == 1 and 0.0 <= row["val_accuracy"] <= 1.0  # validated on the map-style split
 
 
-def test_too_few_shards_for_processes_and_workers_is_one_clear_line(shards, tmp_path):
-    args = [*ARGS, "--dataset", str(shards), "--num-workers", "5", "--output-dir", str(tmp_path / "run")]
-    result = run(args, nproc=2, env=make_env(STREAM_PROBE_DIR=str(tmp_path)), check=False, timeout=180)
-    assert result.returncode != 0
-    assert "error: --streaming: 8 shard(s) cannot feed 2 process(es) x 5 worker(s) without repeating data" \
-        in result.stdout
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_splits_and_loader_in_process(shards, workers):
+    splits = load_stream_splits(str(shards), seed=0, buffer=16)
+    assert splits.input_shape == (2,) and splits.num_classes == 2 and len(splits.val) == 40
+    loader = make_loader(splits.train, 16, shuffle=True, num_workers=workers)
+    assert len(loader) == ROWS // 16
+    mean, std = ids_stats()
+    ids = [int(round(v * std + mean)) for x, _ in loader for v in x[:, 0].tolist()]
+    assert sorted(ids) == list(range(ROWS)) and ids != sorted(ids)  # all rows once, shuffled
+    assert loader.state_dict()["done"] and sum(loader.state_dict()["consumed"].values()) == ROWS
+
+
+def test_too_few_shards_for_processes_and_workers_is_one_clear_line(shards):
+    splits = load_stream_splits(str(shards), seed=0)
+    with pytest.raises(UsageError, match=r"^--streaming: 8 shard\(s\) cannot feed 1 process\(es\) x 9 worker\(s\) "
+                                         r"without repeating data; write the data as at least 9 files"):
+        make_loader(splits.train, 8, shuffle=True, num_workers=9)
+
+
+def test_streaming_needs_train_and_validation_shards(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UsageError, match="expected shard files in .*/train/ and .*/validation/"):
+        load_stream_splits(str(tmp_path), seed=0)
