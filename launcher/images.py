@@ -226,7 +226,9 @@ class LazyImageDataset(torch.utils.data.Dataset):
                  augment: Augmenter | None = None, seed: int = 0) -> None:
         self.column, self.rows, self.labels = column, rows, labels
         self.mode, self.size = mode, size
-        self.mean, self.std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+        self.mean, self.std = mean.flatten(), std.flatten()
+        # Standardization as one multiply-subtract per pixel on the (N, H, W, C) batch: x / 255 / std - mean / std.
+        self._scale, self._shift = 1.0 / (255.0 * self.std), self.mean / self.std
         self.augment, self.seed = augment, seed
 
     def __len__(self) -> int:
@@ -247,8 +249,10 @@ class LazyImageDataset(torch.utils.data.Dataset):
             if self.augment is not None:
                 image = self.augment(image, sample_seed(self.seed, epoch, int(idx[j])))
             pixels[j] = image
-        inputs = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-        return ((inputs - self.mean) / self.std).contiguous(), self.labels[torch.from_numpy(idx)]
+        inputs = torch.from_numpy(pixels).mul(self._scale).sub_(self._shift)  # uint8 * float32 -> float32
+        # (N, C, H, W) in channels_last memory: no transposing copy (a third of the time at 224x224), and
+        # convolutions take it as it is.
+        return inputs.permute(0, 3, 1, 2), self.labels[torch.from_numpy(idx)]
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
