@@ -255,7 +255,9 @@ def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = No
             val = datasets.load_dataset(dataset, split=val_name)
         except Exception as error:  # offline, missing or gated: all end the same way for the user
             raise UsageError(f"--streaming {dataset!r}: could not load its validation split ({error})") from error
-        num_shards, num_rows = build().num_shards, None
+        head = build()
+        split_info = (head.info.splits or {}).get("train")
+        num_shards, num_rows = head.num_shards, getattr(split_info, "num_examples", None) or None
     head = build()
     convert = RowConverter(head.features, label_column, image_column)
     if convert.kind == "image":

@@ -48,6 +48,9 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
                     raise UsageError("--augment is not available with --streaming yet; use --augment none")
                 data = load_stream_splits(config.dataset, seed=config.seed, label_column=config.label_column,
                                           image_column=config.image_column, buffer=config.shuffle_buffer)
+                if not len(data.train) and config.scheduler == "cosine":
+                    raise UsageError("--scheduler cosine needs the number of training rows, which this stream "
+                                     "does not say; use --scheduler constant or plateau")
             else:
                 data = load_splits(config.dataset, image_column=config.image_column,
                                    label_column=config.label_column, val_fraction=config.val_fraction,

@@ -7,6 +7,7 @@ import signal
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from launcher.checkpoint import list_checkpoints, read_trainer_state
 from launcher.data import make_loader
@@ -96,6 +97,24 @@ def test_too_few_shards_for_processes_and_workers_is_one_clear_line(shards):
     with pytest.raises(UsageError, match=r"^--streaming: 8 shard\(s\) cannot feed 1 process\(es\) x 9 worker\(s\) "
                                          r"without repeating data; write the data as at least 9 files"):
         make_loader(splits.train, 8, shuffle=True, num_workers=9)
+
+
+def test_streamed_images_are_decoded_per_batch(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n, shards in (("train", 32, 4), ("validation", 8, 1)):
+        (tmp_path / split).mkdir()
+        for s in range(shards):
+            pics = [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)) for _ in range(n // shards)]
+            ds = datasets.Dataset.from_dict({"image": pics, "label": [i % 3 for i in range(n // shards)]})
+            ds.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / split / f"p{s}.parquet"))
+    splits = load_stream_splits(str(tmp_path), seed=0, buffer=8)
+    assert splits.input_shape == (3, 6, 6) and len(splits.val) == 8
+    batches = list(make_loader(splits.train, 8, shuffle=True, num_workers=2))
+    assert sum(len(y) for _, y in batches) == 32 and batches[0][0].shape == (8, 3, 6, 6)
+    x, _ = splits.val.__getitems__(list(range(8)))
+    assert x.shape == (8, 3, 6, 6) and x.dtype == torch.float32
 
 
 def test_streaming_needs_train_and_validation_shards(tmp_path):
