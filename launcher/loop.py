@@ -216,8 +216,9 @@ class FitRun:
     last_checkpoint: Path | None = None  # the folder the latest save wrote
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
-    # A training loader that keeps its own position (state_dict/load_state_dict, e.g. launcher.streaming's):
-    # every rank's state is saved in the checkpoint's extra["loader_states"] and restored on resume.
+    # A training loader that keeps its own position (`resumes_itself = True`, state_dict/load_state_dict, e.g.
+    # launcher.streaming's): every rank's state is saved in the checkpoint's extra["loader_states"] and
+    # restored on resume at the same world size.
     stateful_loader: Any = None
 
 
@@ -294,7 +295,7 @@ def fit(
             run.output_dir.mkdir(parents=True, exist_ok=True)
         run.manager = CheckpointManager(run.output_dir, keep_last=keep_last, is_main=accelerator.is_main_process)
         run.manager.clean_stale()
-    if hasattr(train_loader, "state_dict") and hasattr(train_loader, "load_state_dict"):
+    if getattr(train_loader, "resumes_itself", False):  # not hasattr(state_dict): accelerate's loaders have one
         run.stateful_loader = train_loader
     if resume_from is not None:
         _resume(run, Path(resume_from))

@@ -137,6 +137,8 @@ class StreamingTrain:
 class StreamingLoader:
     """The training loader for a stream: yields (inputs, labels) and knows its position (state_dict)."""
 
+    resumes_itself = True  # tells launcher.loop to save and restore state_dict() per rank, not to skip batches
+
     def __init__(self, train: StreamingTrain, batch_size: int, num_workers: int) -> None:
         from accelerate import PartialState
 
