@@ -52,6 +52,17 @@ class TrainConfig:
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
                                     "when the dataset has no validation split", relaunch="fixed")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
+    streaming: bool = _opt(False, "stream the training split (parquet/arrow shards in DATASET/train/ and a "
+                                  "validation split in DATASET/validation/, or a Hub name) instead of indexing it")
+    shuffle_buffer: int = _opt(10_000, "rows in the shuffle buffer of --streaming")
+    augment: str = _opt("none", "training-time augmentation of image inputs (standard: random resized crop and "
+                                "horizontal flip; validation is never augmented)", ("none", "standard"))
+    image_size: int | None = _opt(None, "resize every image to SIZE x SIZE (default: the first training image's "
+                                        "size)")
+    image_mean: list[str] | None = _opt(None, "per-channel mean of image pixels in [0, 1], comma-separated "
+                                              "(default: measured on a fixed sample of 512 training images)")
+    image_std: list[str] | None = _opt(None, "per-channel std of image pixels in [0, 1], comma-separated "
+                                             "(with --image-mean)")
     # model
     model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)",
                       relaunch="fixed")
@@ -114,7 +125,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "keep_last": self.keep_last}
+                    "log_every": self.log_every, "keep_last": self.keep_last, "shuffle_buffer": self.shuffle_buffer}
         if self.eval_batch_size is not None:
             positive["eval_batch_size"] = self.eval_batch_size
         if self.save_every_steps is not None:

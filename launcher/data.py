@@ -5,8 +5,9 @@ Every source (the embedded digits, a local folder or file, a save_to_disk folder
 
 1. pick the train split and a validation split (the dataset's own, else a stratified carve by seed);
 2. find the label column and the input column(s) (auto-detected unless named);
-3. turn labels into class ids, images into uint8 (C, H, W) arrays, tabular rows into feature vectors;
-4. standardize inputs with mean/std computed on the train split only;
+3. turn labels into class ids, array images into (C, H, W) inputs, tabular rows into feature vectors;
+   image columns (`datasets.Image`, image folders) stay undecoded: launcher.images decodes them per batch;
+4. standardize inputs with mean/std computed on the train split only (images: on a fixed sample of it);
 5. hand out `BatchedDataset`s whose `__getitems__` returns a whole `(inputs, labels)` batch at once, so the
    DataLoader never builds a batch sample by sample in Python.
 """
@@ -29,23 +30,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from launcher.errors import UsageError
+from launcher.images import AugmentedDataset, Augmenter, check_augment, lazy_image_splits, list_image_folder
 from launcher.sampling import ElasticBatchSampler
 
 # Inputs smaller than this (as float32, train + val) are materialized once as tensors and batches are
 # plain tensor indexing. Larger ones stay in Arrow (memory-mapped) and are read batch by batch.
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
 
-# Part of the cache fingerprint of the image-encoding `map`: bump it when _encode_images changes, or a
-# cached result of the old code would be reused (datasets hashes module-level functions by reference).
-_ENCODING_VERSION = 1
-
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 LABEL_NAMES = ("label", "labels", "target", "class", "y")
 IMAGE_NAMES = ("image", "img", "pixel_values", "pixels")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
-_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _STATS_BATCH = 4096
-_MAP_BATCH = 256
 
 
 @dataclass
@@ -151,7 +147,13 @@ def make_loader(
     The loader has a generator of its own: the base seed of its workers is drawn from it, not from the
     global RNG, so the training's random stream (dropout) does not depend on when workers start. With
     CUDA, batches are pinned so that the non-blocking copy to the GPU does not make the host wait.
+    A stream (`--streaming`) gets its own resumable loader (launcher.streaming).
     """
+    from launcher.streaming import StreamingLoader, StreamingTrain
+
+    if isinstance(ds, StreamingTrain):
+        return StreamingLoader(ds, batch_size, num_workers)
+
     if rank is None or world_size is None:
         rank, world_size = _rank_and_world_size()
     sampler = ElasticBatchSampler(len(ds), batch_size, rank=rank, world_size=world_size, seed=seed,
@@ -190,10 +192,19 @@ def load_splits(
     label_column: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    augment: str = "none",
+    image_size: int | None = None,
+    image_mean: Sequence[str] | None = None,
+    image_std: Sequence[str] | None = None,
 ) -> DataSplits:
-    """Load `dataset` ('digits', a local path, or a Hub name) as standardized train/val splits."""
+    """Load `dataset` ('digits', a local path, or a Hub name) as standardized train/val splits.
+
+    Image columns stay undecoded until a batch asks for them (launcher.images); `augment` applies to the
+    training split of image inputs only.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    check_augment(augment)
     with _quiet():
         train, val, split_names = _load_train_val(dataset)
         columns = list(train.features)
@@ -214,17 +225,28 @@ def load_splits(
                 if size == 0:
                     raise UsageError(f"split '{split}' of {dataset!r} is empty")
 
-        spec, train_table, val_table = _input_spec(train, val, label_col, image_column)
-        train_store = _ColumnStore(train_table, spec)
-        val_store = train_store if val_table is None else _ColumnStore(val_table, spec)
-        train_ds, val_ds, mean, std = _standardized(
-            spec, (train_store, train_rows, train_labels), (val_store, val_rows, val_labels)
-        )
+        column = image_column or _detect_image_column(train.features, label_col)
+        if column is not None and isinstance(train.features[column], datasets.Image):
+            train_ds, val_ds, shape, mean, std = lazy_image_splits(
+                train, train if val is None else val, column, (train_rows, train_labels), (val_rows, val_labels),
+                seed=seed, augment=augment, image_size=image_size, image_mean=image_mean, image_std=image_std)
+        else:
+            spec, train_table, val_table = _input_spec(train, val, label_col, image_column)
+            train_store = _ColumnStore(train_table, spec)
+            val_store = train_store if val_table is None else _ColumnStore(val_table, spec)
+            train_ds, val_ds, mean, std = _standardized(
+                spec, (train_store, train_rows, train_labels), (val_store, val_rows, val_labels)
+            )
+            shape = spec.shape
+            if augment != "none":
+                if spec.kind != "image":
+                    raise UsageError(f"--augment {augment} needs image inputs; this dataset's inputs are tabular")
+                train_ds = AugmentedDataset(train_ds, Augmenter(augment, shape[1], shape[2]), seed)
     return DataSplits(
         train=train_ds,
         val=val_ds,
         num_classes=len(class_names),
-        input_shape=spec.shape,
+        input_shape=shape,
         class_names=class_names,
         name=dataset,
         val_source=val_source,
@@ -274,6 +296,9 @@ def _load_raw(dataset: str) -> datasets.Dataset | datasets.DatasetDict:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return _load_local(lambda: datasets.load_from_disk(str(path)), dataset)
+        listed = list_image_folder(path)  # class subfolders: listed in seconds, never decoded here
+        if listed is not None:
+            return listed
         # datasets infers the builder (imagefolder, csv, parquet, json) and the splits from the files.
         return _load_local(lambda: datasets.load_dataset(str(path)), dataset)
     if path.is_file():
@@ -471,7 +496,7 @@ def _input_spec(
     label_col: str,
     image_column: str | None,
 ) -> tuple[_InputSpec, datasets.Dataset, datasets.Dataset | None]:
-    """Decide the input columns and shape; PIL images are decoded once into a cached uint8 (C, H, W) column."""
+    """Decide the input columns and shape of array and tabular inputs (image columns: launcher.images)."""
     features = train.features
     if image_column is None:
         image_column = _detect_image_column(features, label_col)
@@ -479,9 +504,6 @@ def _input_spec(
         return _tabular_spec(features, label_col), train, val
 
     feature = features[image_column]
-    if isinstance(feature, datasets.Image):
-        return _encode_images(train, val, image_column)
-
     depth = _array_depth(feature)
     if depth is None:
         raise UsageError(
@@ -558,57 +580,6 @@ def _tabular_spec(features: datasets.Features, label_col: str) -> _InputSpec:
     if not columns:
         raise UsageError(f"the dataset has no input columns besides the label {label_col!r}")
     return _InputSpec(columns, "tabular", (len(columns),))
-
-
-def _encode_images(
-    train: datasets.Dataset,
-    val: datasets.Dataset | None,
-    column: str,
-) -> tuple[_InputSpec, datasets.Dataset, datasets.Dataset | None]:
-    """Decode every image once (batched map, cached by datasets) to uint8 (C, H, W) of one size and mode.
-
-    Mode and size come from the first training image: grayscale stays 1 channel, anything else becomes RGB;
-    images of another size are resized (bilinear) to it.
-    """
-    first = train.select_columns([column])[0][column]
-    mode = "L" if first.mode in _GRAYSCALE_MODES else "RGB"
-    width, height = first.size
-    shape = (1 if mode == "L" else 3, height, width)
-    features = datasets.Features({"pixels": datasets.Array3D(shape=shape, dtype="uint8")})
-    kwargs = {"column": column, "mode": mode, "size": (width, height), "version": _ENCODING_VERSION}
-
-    def encode(ds: datasets.Dataset) -> datasets.Dataset:
-        return ds.select_columns([column]).map(
-            _decode_batch,
-            batched=True,
-            batch_size=_MAP_BATCH,
-            fn_kwargs=kwargs,
-            features=features,
-            remove_columns=[column],
-        )
-
-    spec = _InputSpec(["pixels"], "image", shape, shape, scale=255.0)
-    return spec, encode(train), None if val is None else encode(val)
-
-
-def _decode_batch(
-    batch: dict[str, list], column: str, mode: str, size: tuple[int, int], version: int
-) -> dict[str, np.ndarray]:
-    arrays = []
-    for image in batch[column]:  # PIL decodes one image at a time; everything after this is batched
-        if image.mode != mode:
-            image = image.convert(mode)
-        if image.size != tuple(size):
-            image = image.resize(tuple(size), resample=_bilinear())
-        array = np.asarray(image, dtype=np.uint8)
-        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return {"pixels": np.stack(arrays)}
-
-
-def _bilinear() -> int:
-    from PIL import Image
-
-    return Image.Resampling.BILINEAR
 
 
 class _ColumnStore:

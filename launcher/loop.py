@@ -31,7 +31,14 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, send_to_device, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    gather_object,
+    send_to_device,
+    set_seed,
+)
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
@@ -298,6 +305,10 @@ class FitRun:
     resumed_from: Path | None = None  # the checkpoint this launch continues
     write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
     watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.watchdog)
+    # A training loader that keeps its own position (`resumes_itself = True`, state_dict/load_state_dict, e.g.
+    # launcher.streaming's): every rank's state is saved in the checkpoint's extra["loader_states"] and
+    # restored on resume at the same world size.
+    stateful_loader: Any = None
 
 
 def fit(
@@ -395,6 +406,8 @@ def fit(
     own_lease = run.output_dir is not None and lease is None
     if own_lease:
         lease = claim_for_ranks(run.output_dir, is_main=accelerator.is_main_process)
+    if getattr(train_loader, "resumes_itself", False):  # not hasattr(state_dict): accelerate's loaders have one
+        run.stateful_loader = train_loader
     watch = PreemptionWatch()
     timeouts = _timeouts(getattr(accelerator, "launcher_timeouts", None) or Timeouts(), collective_timeout,
                          init_timeout)
@@ -524,6 +537,9 @@ def _resume(run: FitRun, path: Path) -> None:
                                 "config": run.state.config or state.config,
                                 "extra": {**state.extra, **run.state.extra}})
     run.rng_to_restore, run.resumed_stats, run.resumed_from = rng, stats, path
+    loader_states = state.extra.get("loader_states")
+    if run.stateful_loader is not None and loader_states and state.world_size == acc.num_processes:
+        run.stateful_loader.load_state_dict(loader_states[acc.process_index])
     if rng is not None and (run.state.batches_done == 0 or sampler is not None):
         # The next epoch starts, or (an elastic loader, whose iterator draws nothing from the global RNG)
         # the epoch continues, exactly where the saved run was.
@@ -673,7 +689,9 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
         accumulate, backward = feed.accumulate, feed.backward
     else:
         train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume
-        loader = acc.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+        # A stateful loader resumes itself (its state came from the checkpoint); others skip consumed batches.
+        skip = state.batches_done and run.stateful_loader is None
+        loader = acc.skip_first_batches(train_loader, state.batches_done) if skip else train_loader
         total_batches, done_before = len(train_loader), state.batches_done
         remainder = last_batch_remainder(train_loader)
     bar = tqdm(total=total_batches, initial=done_before, desc=f"epoch {epoch + 1}/{epochs}",
@@ -958,6 +976,8 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)
+    if run.stateful_loader is not None:  # a collective: every rank calls _save
+        state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
     path = run.manager.save(
         state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
         scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler,

@@ -38,6 +38,7 @@ from launcher.relaunch import (
     set_aside_newer,
     stored_config,
 )
+from launcher.streaming import load_stream_splits
 from launcher.schedulers import from_name
 from launcher.tracking import run_metadata, start_tracker
 from launcher.write_failures import main_writes
@@ -86,8 +87,19 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
     error = None
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
-            data = load_splits(config.dataset, image_column=config.image_column,
-                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed)
+            if config.streaming:
+                if config.augment != "none":
+                    raise UsageError("--augment is not available with --streaming yet; use --augment none")
+                data = load_stream_splits(config.dataset, seed=config.seed, label_column=config.label_column,
+                                          image_column=config.image_column, buffer=config.shuffle_buffer)
+                if not len(data.train) and config.scheduler == "cosine":
+                    raise UsageError("--scheduler cosine needs the number of training rows, which this stream "
+                                     "does not say; use --scheduler constant or plateau")
+            else:
+                data = load_splits(config.dataset, image_column=config.image_column,
+                                   label_column=config.label_column, val_fraction=config.val_fraction,
+                                   seed=config.seed, augment=config.augment, image_size=config.image_size,
+                                   image_mean=config.image_mean, image_std=config.image_std)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:

@@ -1,0 +1,325 @@
+"""`--streaming`: train on a dataset too large to index, resumable mid-epoch at the same world size.
+
+The training split is a `datasets.IterableDataset` over parquet/arrow shards (a local folder or a Hub name):
+shuffled (shard order and a buffer of rows, seeded by --seed and the epoch), split per rank with
+`split_dataset_by_node`, and split per DataLoader worker by datasets itself. Each (rank, worker) stream
+is then a deterministic function of (seed, epoch, world size, workers), so the position is simply how
+many samples of each worker's stream this rank consumed: `StreamingLoader.state_dict()` counts them in the
+main process (each batch says which worker made it), the loop saves them per rank in the checkpoint, and
+a resume skips that many rows of each worker's stream before anything is decoded. (datasets' own
+`IterableDataset.state_dict()` raises IndexError on load with a shuffle buffer and workers, and resumes
+only at the same world size and worker count anyway.)
+
+Every rank must run the same number of steps: before each batch the ranks agree (one all-reduce of one
+number) that all of them still have one, so the epoch ends when the first rank's shards run out.
+Validation is a map-style split read lazily, so its metrics are exact as always.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from datasets.distributed import split_dataset_by_node
+
+from launcher import images
+from launcher.errors import UsageError
+
+SHUFFLE_BUFFER = 10_000
+STATS_ROWS = 512  # rows at the head of the (unshuffled) stream that the standardization statistics come from
+_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+_VAL_DIRS = ("validation", "valid", "val", "test")
+
+
+class RowConverter:
+    """Rows (dicts) of one schema -> standardized float32 inputs and int64 labels, in the worker."""
+
+    def __init__(self, features: datasets.Features, label: str, image_column: str | None) -> None:
+        from launcher.data import _array_depth, _detect_image_column, _find_label_column
+
+        self.label = _find_label_column(features, label, image_column)
+        if not (isinstance(features[self.label], datasets.ClassLabel) or _array_depth(features[self.label]) == 0):
+            raise UsageError(f"--streaming needs integer or ClassLabel labels; column {self.label!r} is neither")
+        column = image_column or _detect_image_column(features, self.label)
+        if column is not None and isinstance(features[column], datasets.Image):
+            self.kind, self.columns = "image", [column]
+        elif column is not None:
+            self.kind, self.columns = "array", [column]
+        else:
+            self.kind = "tabular"
+            self.columns = [c for c in features if c != self.label]
+            bad = [c for c in self.columns if _array_depth(features[c]) != 0]
+            if bad or not self.columns:
+                raise UsageError(f"--streaming: columns {', '.join(bad) or '(none)'} are not numeric features; "
+                                 f"name the input column with --image-column")
+        self.mode, self.size, self.shape = "RGB", (0, 0), ()
+        self.mean = self.std = None
+
+    def fit(self, rows: list[dict]) -> None:
+        """Shape and standardization statistics from the first rows of the training stream."""
+        if self.kind == "image":
+            self.mode, self.size = images.probe(rows[0][self.columns[0]])
+        raw = self.raw(rows)
+        self.shape = tuple(raw.shape[1:])
+        dims = (0, 2, 3) if raw.dim() == 4 else (0,)
+        x = raw.double()
+        mean, std = x.mean(dim=dims), x.std(dim=dims, unbiased=False)
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        view = (1, -1, 1, 1) if raw.dim() == 4 else (1, -1)
+        self.mean, self.std = mean.float().reshape(view), std.float().reshape(view)
+
+    def raw(self, rows: list[dict]) -> torch.Tensor:
+        if self.kind == "image":
+            pixels = np.stack([images.decode(r[self.columns[0]], self.mode, self.size) for r in rows])
+            return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        if self.kind == "array":
+            arrays = np.stack([np.asarray(r[self.columns[0]], dtype=np.float32) for r in rows])
+            if arrays.ndim == 3:  # (N, H, W): one channel
+                arrays = arrays[:, None]
+            return torch.from_numpy(arrays)
+        return torch.tensor([[float(r[c]) for c in self.columns] for r in rows], dtype=torch.float32)
+
+    def __call__(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = (self.raw(rows) - self.mean) / self.std
+        return inputs.contiguous(), torch.tensor([int(r[self.label]) for r in rows], dtype=torch.int64)
+
+
+class _WorkerCollate:
+    """Builds a batch in the worker and tags it with the worker that made it (the position is per worker)."""
+
+    def __init__(self, convert: RowConverter) -> None:
+        self.convert = convert
+
+    def __call__(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        info = torch.utils.data.get_worker_info()
+        return (*self.convert(rows), 0 if info is None else info.id)
+
+
+class _SkipFirst:
+    """A filter that drops the first `skip[worker]` rows of each worker's stream (a resume's replay)."""
+
+    def __init__(self, skip: dict[int, int]) -> None:
+        self.skip, self.seen = skip, 0
+
+    def __call__(self, _row: dict) -> bool:
+        info = torch.utils.data.get_worker_info()
+        self.seen += 1
+        return self.seen > self.skip.get(0 if info is None else info.id, 0)
+
+
+class StreamingTrain:
+    """The training stream's recipe: files or a Hub name, the row converter, its length estimate."""
+
+    def __init__(self, build: Any, convert: RowConverter, num_shards: int, num_rows: int | None, seed: int,
+                 buffer: int) -> None:
+        self.build, self.convert, self.num_shards, self.num_rows = build, convert, num_shards, num_rows
+        self.seed, self.buffer = seed, buffer
+
+    def __len__(self) -> int:
+        return self.num_rows or 0
+
+    def stream(self, epoch: int, rank: int, world: int, skip: dict[int, int]) -> datasets.IterableDataset:
+        ds = self.build().shuffle(seed=self.seed, buffer_size=self.buffer)
+        ds.set_epoch(epoch)
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        return ds.filter(_SkipFirst(skip)) if any(skip.values()) else ds
+
+
+class StreamingLoader:
+    """The training loader for a stream: yields (inputs, labels) and knows its position (state_dict)."""
+
+    resumes_itself = True  # tells launcher.loop to save and restore state_dict() per rank, not to skip batches
+
+    def __init__(self, train: StreamingTrain, batch_size: int, num_workers: int) -> None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
+        self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
+        streams = self.world * max(num_workers, 1)
+        if train.num_shards < streams:
+            raise UsageError(f"--streaming: {train.num_shards} shard(s) cannot feed {self.world} process(es) x "
+                             f"{max(num_workers, 1)} worker(s) without repeating data; write the data as at least "
+                             f"{streams} files or lower --num-workers")
+        self.epoch, self.consumed, self.done, self._resume = 0, {}, False, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per rank, estimated from the row count (the stream's own end is what counts)."""
+        rows = len(self.train)
+        return math.ceil(rows / (self.world * self.batch_size)) if rows else 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": {str(k): v for k, v in self.consumed.items()},
+                "done": self.done, "world_size": self.world, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("world_size"), state.get("num_workers")) != (self.world, self.num_workers):
+            warnings.warn(f"the stream position was saved with {state.get('world_size')} processes x "
+                          f"{state.get('num_workers')} workers, this run has {self.world} x {self.num_workers}: "
+                          f"the interrupted epoch of the stream starts again", stacklevel=2)
+            return
+        self._resume = state
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from accelerate.utils import send_to_device
+
+        skip: dict[int, int] = {}
+        if self._resume is not None and self._resume["epoch"] == self.epoch and not self._resume["done"]:
+            skip = {int(k): v for k, v in self._resume["consumed"].items()}
+        self._resume = None
+        self.consumed, self.done = dict(skip), False
+        stream = self.train.stream(self.epoch, self.rank, self.world, skip)
+        loader = torch.utils.data.DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
+                                             collate_fn=_WorkerCollate(self.train.convert),
+                                             generator=torch.Generator().manual_seed(self.train.seed))
+        batches = iter(loader)
+        while True:
+            batch = next(batches, None)
+            if not _all_have(batch is not None, self.device):
+                break  # the first rank out of data ends the epoch for all: every rank steps equally often
+            inputs, labels, worker = batch
+            self.consumed[worker] = self.consumed.get(worker, 0) + len(labels)
+            yield send_to_device((inputs, labels), self.device, non_blocking=True)
+        self.done = True
+
+
+def _all_have(have: bool, device: torch.device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return have
+    flag = torch.tensor([1 if have else 0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class StreamValDataset(torch.utils.data.Dataset):
+    """A map-style validation split converted per batch (exact metrics, as for any dataset)."""
+
+    def __init__(self, ds: datasets.Dataset, convert: RowConverter) -> None:
+        self.ds, self.convert = ds, convert
+        self.labels = torch.as_tensor(np.asarray(ds.with_format("numpy")[convert.label]), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = self.__getitems__([index])
+        return inputs[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = self.ds[list(indices)]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return self.convert(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = None,
+                       image_column: str | None = None, buffer: int = SHUFFLE_BUFFER) -> Any:
+    """DataSplits whose `train` is a StreamingTrain (make_loader turns it into a StreamingLoader)."""
+    from launcher.data import DataSplits
+
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        train_files, val_files = _local_shards(path)
+        builder = _FILE_BUILDERS[Path(train_files[0]).suffix]
+        features = datasets.Features.from_arrow_schema(_schema(train_files[0]))
+
+        def build() -> datasets.IterableDataset:
+            # Our own reader: datasets' streaming parquet builder sleeps 5 s at the end of every pass (its
+            # workaround for apache/arrow#45214), at start-up and at every epoch end. A list in gen_kwargs
+            # is what datasets shards (one file a shard), shuffles and splits per rank and worker.
+            return datasets.IterableDataset.from_generator(_file_rows, features=features,
+                                                           gen_kwargs={"files": train_files})
+
+        val = datasets.load_dataset(builder, data_files=val_files, split="train")
+        num_shards = len(train_files)
+        num_rows = sum(_num_rows(f) for f in train_files)
+    else:
+        def build() -> datasets.IterableDataset:
+            return datasets.load_dataset(dataset, split="train", streaming=True)
+
+        try:
+            val_name = next(s for s in _VAL_DIRS if s in datasets.get_dataset_split_names(dataset))
+            val = datasets.load_dataset(dataset, split=val_name)
+        except Exception as error:  # offline, missing or gated: all end the same way for the user
+            raise UsageError(f"--streaming {dataset!r}: could not load its validation split ({error})") from error
+        head = build()
+        split_info = (head.info.splits or {}).get("train")
+        num_shards, num_rows = head.num_shards, getattr(split_info, "num_examples", None) or None
+    head = build()
+    convert = RowConverter(head.features, label_column, image_column)
+    if convert.kind == "image":
+        head = head.cast_column(convert.columns[0], datasets.Image(decode=False))
+        val = val.cast_column(convert.columns[0], datasets.Image(decode=False))
+    convert.fit(list(head.take(STATS_ROWS)))
+    feature = head.features[convert.label]
+    val_ds = StreamValDataset(val, convert)
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    else:
+        names = [str(i) for i in range(int(val_ds.labels.max()) + 1)]
+    train = StreamingTrain(lambda: _undecoded(build(), convert), convert, num_shards, num_rows, seed, buffer)
+    return DataSplits(train=train, val=val_ds, num_classes=len(names), input_shape=convert.shape,
+                      class_names=names, name=dataset, val_source="its validation split (map-style)",
+                      mean=convert.mean.flatten().tolist(), std=convert.std.flatten().tolist())
+
+
+def _schema(path: str) -> Any:
+    if path.endswith(".parquet"):
+        return pq.read_schema(path)
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).schema
+
+
+def _num_rows(path: str) -> int:
+    if path.endswith(".parquet"):
+        return pq.ParquetFile(path).metadata.num_rows
+    with pa.memory_map(path) as source:
+        return sum(len(b) for b in pa.ipc.open_stream(source))
+
+
+def _file_rows(files: list[str]) -> Iterator[dict]:
+    """Rows of parquet or arrow (save_to_disk) files, one record batch at a time."""
+    for path in files:
+        if path.endswith(".parquet"):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        else:
+            batches = pa.ipc.open_stream(pa.memory_map(path))
+        for batch in batches:
+            yield from batch.to_pylist()
+
+
+def _undecoded(ds: datasets.IterableDataset, convert: RowConverter) -> datasets.IterableDataset:
+    if convert.kind == "image":
+        return ds.cast_column(convert.columns[0], datasets.Image(decode=False))
+    return ds
+
+
+def _local_shards(root: Path) -> tuple[list[str], list[str]]:
+    """Training and validation shard files: train/*.parquet and validation/*.parquet (or .arrow)."""
+    def files(folder: Path) -> list[str]:
+        found = sorted(str(p) for p in folder.glob("*") if p.suffix in _FILE_BUILDERS)
+        return found if folder.is_dir() else []
+
+    train = files(root / "train")
+    val = next((files(root / name) for name in _VAL_DIRS if files(root / name)), [])
+    if not train or not val:
+        raise UsageError(f"--streaming {root}: expected shard files in {root}/train/ and {root}/validation/ "
+                         f"(*.parquet or *.arrow); found {len(train)} training and {len(val)} validation files")
+    if len({Path(f).suffix for f in train}) > 1:
+        raise UsageError(f"--streaming {root}/train mixes parquet and arrow files; use one format")
+    return train, val

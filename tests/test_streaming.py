@@ -1,0 +1,123 @@
+"""--streaming: parquet shards streamed per rank and worker, killed mid-epoch and resumed at the same world
+size with every sample of the epoch trained exactly once."""
+
+import json
+import signal
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from launcher.checkpoint import list_checkpoints, read_trainer_state
+from launcher.data import make_loader
+from launcher.errors import UsageError
+from launcher.streaming import load_stream_splits
+from tests.helpers import make_env, read_metrics, run, signal_tree, start, wait_for
+
+ROWS, SHARDS = 512, 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """8 training shards of 64 rows (feature 'id' = the row's id) and a validation split."""
+    root = tmp_path_factory.mktemp("stream")
+    ids = np.arange(ROWS, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    (root / "train").mkdir()
+    (root / "validation").mkdir()
+    per = ROWS // SHARDS
+    for s in range(SHARDS):
+        part = ids[s * per:(s + 1) * per]
+        datasets.Dataset.from_dict({"id": part, "noise": rng.normal(size=per), "label": (part % 2).astype(int)}
+                                   ).to_parquet(str(root / "train" / f"part-{s:03d}.parquet"))
+    datasets.Dataset.from_dict({"id": np.arange(40.0), "noise": rng.normal(size=40), "label": np.arange(40) % 2}
+                               ).to_parquet(str(root / "validation" / "part-000.parquet"))
+    return root
+
+
+def seen_ids(probe_dir, keep_until=None):
+    """Sample ids trained per run file; a killed run's forwards after its last checkpoint are dropped."""
+    mean, std = ids_stats()
+    out = []
+    for path in sorted(probe_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if keep_until is None or rec["k"] <= keep_until:
+                out.extend(int(round(x * std + mean)) for x in rec["x"])
+    return out
+
+
+def ids_stats():
+    ids = np.arange(ROWS, dtype=np.float64)  # the statistics come from the stream's first 512 rows: all of them
+    return ids.mean(), ids.std()
+
+
+ARGS = ["--streaming", "--model", "tests.stream_probe:factory", "--epochs", "1", "--batch-size", "8",
+        "--num-workers", "2", "--shuffle-buffer", "64", "--save-every-steps", "3", "--scheduler", "constant"]
+
+
+@pytest.mark.slow
+def test_streaming_killed_and_resumed_sees_every_sample_once(shards, tmp_path):
+    out, first, second = tmp_path / "run", tmp_path / "probe1", tmp_path / "probe2"
+    first.mkdir()
+    second.mkdir()
+    args = [*ARGS, "--dataset", str(shards), "--output-dir", str(out)]
+    proc = start(args, nproc=2, env=make_env(STREAM_PROBE_DIR=str(first), STREAM_PROBE_SLEEP="0.15"))
+    reached = wait_for(lambda: len(list_checkpoints(out)) >= 2, timeout=180, proc=proc)
+    signal_tree(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert reached, output[-3000:]
+    checkpoint = out / "checkpoints" / list_checkpoints(out)[-1]
+    state = read_trainer_state(checkpoint)
+    step = state["global_step"]
+    assert 0 < step < ROWS // 16 and len(state["extra"]["loader_states"]) == 2  # killed mid-epoch
+    result = run(args, nproc=2, env=make_env(STREAM_PROBE_DIR=str(second)), timeout=240)
+    assert f"step {step}" in result.stdout
+    ids = seen_ids(first, keep_until=step) + seen_ids(second)
+    assert sorted(ids) == list(range(ROWS))  # every sample of the epoch exactly once, across the kill
+    (row,) = read_metrics(out)
+    assert row["epoch"] == 1 and 0.0 <= row["val_accuracy"] <= 1.0  # validated on the map-style split
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_splits_and_loader_in_process(shards, workers):
+    splits = load_stream_splits(str(shards), seed=0, buffer=16)
+    assert splits.input_shape == (2,) and splits.num_classes == 2 and len(splits.val) == 40
+    loader = make_loader(splits.train, 16, shuffle=True, num_workers=workers)
+    assert len(loader) == ROWS // 16
+    mean, std = ids_stats()
+    ids = [int(round(v * std + mean)) for x, _ in loader for v in x[:, 0].tolist()]
+    assert sorted(ids) == list(range(ROWS)) and ids != sorted(ids)  # all rows once, shuffled
+    assert loader.state_dict()["done"] and sum(loader.state_dict()["consumed"].values()) == ROWS
+
+
+def test_too_few_shards_for_processes_and_workers_is_one_clear_line(shards):
+    splits = load_stream_splits(str(shards), seed=0)
+    with pytest.raises(UsageError, match=r"^--streaming: 8 shard\(s\) cannot feed 1 process\(es\) x 9 worker\(s\) "
+                                         r"without repeating data; write the data as at least 9 files"):
+        make_loader(splits.train, 8, shuffle=True, num_workers=9)
+
+
+def test_streamed_images_are_decoded_per_batch(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n, shards in (("train", 32, 4), ("validation", 8, 1)):
+        (tmp_path / split).mkdir()
+        for s in range(shards):
+            pics = [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)) for _ in range(n // shards)]
+            ds = datasets.Dataset.from_dict({"image": pics, "label": [i % 3 for i in range(n // shards)]})
+            ds.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / split / f"p{s}.parquet"))
+    splits = load_stream_splits(str(tmp_path), seed=0, buffer=8)
+    assert splits.input_shape == (3, 6, 6) and len(splits.val) == 8
+    batches = list(make_loader(splits.train, 8, shuffle=True, num_workers=2))
+    assert sum(len(y) for _, y in batches) == 32 and batches[0][0].shape == (8, 3, 6, 6)
+    x, _ = splits.val.__getitems__(list(range(8)))
+    assert x.shape == (8, 3, 6, 6) and x.dtype == torch.float32
+
+
+def test_streaming_needs_train_and_validation_shards(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UsageError, match="expected shard files in .*/train/ and .*/validation/"):
+        load_stream_splits(str(tmp_path), seed=0)
