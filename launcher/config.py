@@ -32,13 +32,22 @@ class TrainConfig:
         "'digits' (embedded, no network), a local path (imagefolder/csv/parquet/json/saved datasets "
         "folder) or a name for datasets.load_dataset",
     )
+    dataset_config: str | None = _opt(None, "configuration of a Hub dataset that has several (load_dataset's "
+                                            "name=, e.g. mrpc for --dataset glue)")
     image_column: str | None = _opt(None, "column holding the inputs (default: auto-detect)")
+    text_columns: list[str] | None = _opt(None, "text column, or two comma-separated for sentence pairs "
+                                                "(default: the dataset's one or two string columns)")
+    max_length: int = _opt(128, "text is truncated to this many tokens (--model hf: text models)")
     label_column: str | None = _opt(None, "column holding the class labels (default: auto-detect)")
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
                                     "when the dataset has no validation split")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
     # model
-    model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)")
+    model: str = _opt("mlp", "mlp, cnn, resnet, module.path:factory (called with input_shape, num_classes), or "
+                             "hf:NAME_OR_PATH (a transformers image or text classifier, pip install -e '.[hf]')")
+    find_unused_parameters: str = _opt("auto", "DDP and parameters the loss does not reach: auto (found by one "
+                                               "probe step before training), on, off, or static (static_graph)",
+                                       ("auto", "on", "off", "static"))
     # optimisation
     epochs: int = _opt(10, "number of epochs")
     batch_size: int = _opt(64, "batch size per process")
@@ -80,7 +89,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "keep_last": self.keep_last}
+                    "log_every": self.log_every, "keep_last": self.keep_last, "max_length": self.max_length}
         if self.eval_batch_size is not None:
             positive["eval_batch_size"] = self.eval_batch_size
         if self.save_every_steps is not None:
@@ -98,6 +107,9 @@ class TrainConfig:
             raise UsageError("--warmup-steps works with --scheduler cosine or constant, not plateau")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise UsageError("--early-stopping-patience must be at least 1")
+        if self.text_columns is not None and len(self.text_columns) not in (1, 2):
+            raise UsageError(f"--text-columns takes one column or two (a sentence pair), got "
+                             f"{','.join(self.text_columns)!r}")
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
         for name in _field_types():

@@ -45,6 +45,7 @@ from launcher.errors import EXIT_PREEMPTED
 from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.tracking import NullTracker, Tracker
+from launcher.unused_parameters import configure_ddp
 
 Batch = Any
 UnpackBatch = Callable[[Batch], tuple[Any, torch.Tensor]]
@@ -83,16 +84,46 @@ def _has_other_accelerator() -> bool:
 
 
 def default_unpack(batch: Batch) -> tuple[Any, torch.Tensor]:
-    """Batches are `(inputs, targets)` pairs, or mappings with a 'label'/'labels' key and one input key."""
+    """Batches are `(inputs, targets)` pairs, or mappings with a 'label'/'labels' key.
+
+    A mapping with one input besides the label gives that input (called positionally, as a pair's would
+    be); with several (input_ids, attention_mask, ...), the mapping of them all, which `forward` hands to
+    the model as keyword inputs.
+    """
     if isinstance(batch, Mapping):
         label_key = "labels" if "labels" in batch else "label"
-        inputs = [v for k, v in batch.items() if k != label_key]
-        if label_key not in batch or len(inputs) != 1:
-            raise ValueError("a dict batch needs a 'label' or 'labels' key and exactly one input; "
-                             "pass unpack_batch= to fit to say how to split it")
-        return inputs[0], batch[label_key]
+        if label_key not in batch:
+            raise ValueError("a dict batch needs a 'label' or 'labels' key; pass unpack_batch= to fit to say "
+                             "how to split it")
+        inputs = {k: v for k, v in batch.items() if k != label_key}
+        if not inputs:
+            raise ValueError("a dict batch needs at least one input besides its labels")
+        return (next(iter(inputs.values())) if len(inputs) == 1 else inputs), batch[label_key]
     inputs, targets = batch
     return inputs, targets
+
+
+def forward(model: Callable, inputs: Any) -> torch.Tensor:
+    """The logits of `model` on `inputs`: a mapping is passed as keyword inputs (model(**inputs))."""
+    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return outputs if type(outputs) is torch.Tensor else logits_of(outputs)
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits in a model's outputs: a tensor, a transformers ModelOutput or mapping with 'logits', or a
+    tuple whose first element is the logits. The launcher computes its own loss from them and never uses a
+    loss the model may have computed."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find logits in model outputs of type {type(outputs).__name__}: return a "
+                        f"tensor, an object or mapping with 'logits', or a tuple whose first element is them")
+    return logits
 
 
 def per_sample_loss_fn(loss_fn: Callable) -> Callable:
@@ -175,7 +206,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
     for batch in loader:
         inputs, targets = unpack_batch(batch)
         with autocast():
-            outputs = model(inputs)
+            outputs = forward(model, inputs)
             losses = per_sample(outputs, targets)
         is_last = getattr(loader, "end_of_dataloader", False)
         stats.update(losses.float(), outputs, targets,
@@ -207,6 +238,7 @@ class FitRun:
     progress: bool  # show a progress bar on each node's local main process
     save_every_steps: int | None
     output_dir: Path | None  # None: nothing is written
+    export_final: Callable[[torch.nn.Module, dict, Path], None] | None  # writes more into final/ (rank 0)
     # What a checkpoint saves and a resume restores.
     state: TrainerState
     # Per-launch bookkeeping.
@@ -246,6 +278,8 @@ def fit(
     tracker: Tracker | None = None,
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
+    find_unused_parameters: str | bool = "auto",
+    export_final: Callable[[torch.nn.Module, dict, Path], None] | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -265,6 +299,10 @@ def fit(
     resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
     config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
+    find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
+        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.unused_parameters).
+    export_final: called on the main process with the unwrapped model, its full state dict and the final/
+        folder once final/model.safetensors is written (the recipe writes final/hf/ with it).
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1.
     """
     accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed)
@@ -272,6 +310,7 @@ def fit(
         raise ValueError("fit steps the scheduler itself: build the Accelerator with "
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
     tracker = tracker if tracker is not None else NullTracker()
+    configure_ddp(accelerator, model, train_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
     sched = scheduler(optimizer.optimizer, steps_per_epoch * epochs) if scheduler else None
@@ -283,6 +322,7 @@ def fit(
         per_sample=per_sample_loss_fn(loss_fn), num_classes=num_classes, unpack=unpack_batch,
         max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
         save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
+        export_final=export_final,
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
     )
@@ -385,7 +425,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             run.rng_to_restore = None
         inputs, targets = run.unpack(batch)
         with accumulate(model):
-            outputs = model(inputs)
+            outputs = forward(model, inputs)
             losses = run.per_sample(outputs, targets)
             backward(losses)
             if acc.sync_gradients and run.max_grad_norm:
@@ -582,6 +622,8 @@ def _write_final(run: FitRun) -> None:
         tmp.replace(final / "model.safetensors")
         write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
                                                          "global_step": run.state.global_step})
+        if run.export_final is not None:
+            run.export_final(acc.unwrap_model(run.model), weights, final)
     acc.wait_for_everyone()
 
 

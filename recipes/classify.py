@@ -4,6 +4,8 @@
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml recipes/classify.py --epochs 5
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/classify.py \\
         --dataset cifar10 --model resnet
+    accelerate launch recipes/classify.py --dataset glue --dataset-config mrpc \\
+        --model hf:bert-base-uncased --lr 2e-5 --epochs 3         # transformers models: docs/hf.md
     python recipes/classify.py --help                           # every flag, with its default
 
 Outputs go to --output-dir (default runs/<time>): metrics.jsonl, config.json, checkpoints/, final/.
@@ -21,13 +23,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from launcher import evaluate, fit, make_accelerator
+from launcher import evaluate, fit, hf, make_accelerator
 from launcher.checkpoint import load_model_weights, read_trainer_state, resolve_resume, write_json_atomic
 from launcher.config import TrainConfig, parse_config
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
+from launcher.loop import default_unpack, forward
 from launcher.models import build_model
 from launcher.schedulers import from_name
+from launcher.text import TextOptions
 from launcher.tracking import run_metadata, start_tracker
 
 
@@ -39,25 +43,35 @@ def setup_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
-    error = None
+    error, text = None, None
+    if hf.is_hf(config.model):  # text is tokenized with the model's own tokenizer (loaded only for text)
+        name = hf.model_name(config.model)
+        text = TextOptions(lambda: hf.load_tokenizer(name), max_length=config.max_length,
+                           pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
             data = load_splits(config.dataset, image_column=config.image_column,
-                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed)
+                               label_column=config.label_column, val_fraction=config.val_fraction, seed=config.seed,
+                               dataset_config=config.dataset_config, text_columns=config.text_columns, text=text)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:
         raise error
+    if hf.is_hf(config.model) and data.kind == "image":  # the model's image processor, not our standardization
+        data = hf.with_image_processor(data, hf.model_name(config.model), notice=accelerator.print)
     return data
 
 
-def setup_model(config: TrainConfig, data: DataSplits) -> tuple[torch.nn.Module, int]:
+def setup_model(config: TrainConfig, accelerator: Accelerator, data: DataSplits) -> tuple[torch.nn.Module, int]:
     """The model and its number of outputs, checked against the labels on one sample."""
-    model = build_model(config.model, data.input_shape, data.num_classes)
-    inputs, _ = next(iter(make_loader(data.val, 1, shuffle=False)))
+    if hf.is_hf(config.model):
+        model = hf.load_model(hf.model_name(config.model), data, notice=accelerator.print)
+    else:
+        model = build_model(config.model, data.input_shape, data.num_classes)
+    inputs, _ = default_unpack(next(iter(make_loader(data.val, 1, shuffle=False))))
     model.eval()
     with torch.no_grad():
-        outputs = model(inputs)
+        outputs = forward(model, inputs)  # the logits, whatever the model returns them in
     if outputs.dim() != 2 or outputs.shape[-1] < data.num_classes:
         raise UsageError(f"dataset {data.name} has {data.num_classes} classes (labels 0..{data.num_classes - 1}) "
                          f"but model {config.model} outputs shape {tuple(outputs.shape[1:])} per sample; "
@@ -108,7 +122,7 @@ def train(argv: list[str] | None = None) -> None:
     checkpoint = resolve_resume(config.resume, output_dir)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
-    model, num_classes = setup_model(config, data)
+    model, num_classes = setup_model(config, accelerator, data)
     info = run_info(config, accelerator, data, num_classes)
     if config.eval_only:
         run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes)
@@ -133,8 +147,10 @@ def train(argv: list[str] | None = None) -> None:
         early_stopping_patience=config.early_stopping_patience, output_dir=output_dir,
         save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
         config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
-        log_every=config.log_every, tracker=tracker)
-    accelerator.print(f"done: {output_dir}/final/model.safetensors")
+        log_every=config.log_every, tracker=tracker, find_unused_parameters=config.find_unused_parameters,
+        export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
+    accelerator.print(f"done: {output_dir}/final/model.safetensors"
+                      + (f" and {output_dir}/final/hf (from_pretrained)" if hf.is_hf(config.model) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
