@@ -181,7 +181,9 @@ def load_splits(
         if text_columns or (image_column is None and _detect_image_column(train.features, label_col) is None):
             text_cols = find_text_columns(train.features, label_col, text_columns)
         if text_cols and text is None:
-            raise UsageError(text_needs_model(text_cols))
+            if all(_array_depth(train.features[c]) is None for c in columns if c not in (label_col, *text_cols)):
+                raise UsageError(text_needs_model(text_cols))
+            text_cols = []  # numeric columns too: perhaps meant as tabular, and the tabular error says both
         if val is not None:
             _require_same_columns(val, columns, split_names)
 
@@ -548,7 +550,8 @@ def _tabular_spec(features: datasets.Features, label_col: str) -> _InputSpec:
         kinds = ", ".join(f"{c!r} ({_describe(features[c])})" for c in bad)
         raise UsageError(
             f"no image column found, so all other columns must be numeric features, but {kinds} "
-            f"is not; drop or encode it, or name the input column with --image-column"
+            f"is not; drop or encode it, or name the input column with --image-column (text inputs need "
+            f"--model hf:NAME_OR_PATH)"
         )
     if not columns:
         raise UsageError(f"the dataset has no input columns besides the label {label_col!r}")

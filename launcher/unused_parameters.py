@@ -36,7 +36,8 @@ def configure_ddp(accelerator: Accelerator, model: torch.nn.Module, loader: Any,
     mode = {True: "on", False: "off"}.get(mode, mode)
     if mode not in MODES:
         raise ValueError(f"find_unused_parameters must be one of {', '.join(MODES)} (got {mode!r})")
-    if mode == "off" or accelerator.num_processes < 2 or accelerator.distributed_type not in _DDP_TYPES:
+    if (mode == "off" or accelerator.num_processes < 2 or accelerator.distributed_type not in _DDP_TYPES
+            or isinstance(model, torch.nn.parallel.DistributedDataParallel)):  # already wrapped: too late
         return []
     handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
     unused: list[str] = []
