@@ -46,7 +46,13 @@ class TrainConfig:
         "folder) or a name for datasets.load_dataset",
         relaunch="fixed",
     )
+    dataset_config: str | None = _opt(None, "configuration of a Hub dataset that has several (load_dataset's "
+                                            "name=, e.g. mrpc for --dataset glue)", relaunch="fixed")
     image_column: str | None = _opt(None, "column holding the inputs (default: auto-detect)", relaunch="fixed")
+    text_columns: list[str] | None = _opt(None, "text column, or two comma-separated for sentence pairs "
+                                                "(default: the dataset's one or two string columns)",
+                                          relaunch="fixed")
+    max_length: int = _opt(128, "text is truncated to this many tokens (--model hf: text models)", relaunch="fixed")
     label_column: str | None = _opt(None, "column holding the class labels (default: auto-detect)",
                                     relaunch="fixed")
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
@@ -64,8 +70,12 @@ class TrainConfig:
     image_std: list[str] | None = _opt(None, "per-channel std of image pixels in [0, 1], comma-separated "
                                              "(with --image-mean)")
     # model
-    model: str = _opt("mlp", "mlp, cnn, resnet, or module.path:factory (called with input_shape, num_classes)",
+    model: str = _opt("mlp", "mlp, cnn, resnet, module.path:factory (called with input_shape, num_classes), or "
+                             "hf:NAME_OR_PATH (a transformers image or text classifier, pip install -e '.[hf]')",
                       relaunch="fixed")
+    find_unused_parameters: str = _opt("auto", "DDP and parameters the loss does not reach: auto (found by one "
+                                               "probe step before training), on, off, or static (static_graph)",
+                                       ("auto", "on", "off", "static"))
     # optimisation
     epochs: int = _opt(10, "number of epochs")
     batch_size: int = _opt(64, "batch size per process", relaunch="refuse-mid-epoch")
@@ -125,7 +135,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "keep_last": self.keep_last, "shuffle_buffer": self.shuffle_buffer}
+                    "log_every": self.log_every, "keep_last": self.keep_last, "shuffle_buffer": self.shuffle_buffer,
+                    "max_length": self.max_length}
         if self.eval_batch_size is not None:
             positive["eval_batch_size"] = self.eval_batch_size
         if self.save_every_steps is not None:
@@ -153,6 +164,9 @@ class TrainConfig:
         if not math.isfinite(self.lr):
             raise UsageError(f"--lr must be a finite number (got {self.lr})")
         check_timeouts(self.collective_timeout, self.init_timeout)
+        if self.text_columns is not None and len(self.text_columns) not in (1, 2):
+            raise UsageError(f"--text-columns takes one column or two (a sentence pair), got "
+                             f"{','.join(self.text_columns)!r}")
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
         if self.force and self.eval_only:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from launcher.errors import UsageError
 from launcher.images import AugmentedDataset, Augmenter, check_augment, lazy_image_splits, list_image_folder
 from launcher.sampling import ElasticBatchSampler
+from launcher.text import TextOptions, find_text_columns, text_needs_model, tokenized_splits
 
 # Inputs smaller than this (as float32, train + val) are materialized once as tensors and batches are
 # plain tensor indexing. Larger ones stay in Arrow (memory-mapped) and are read batch by batch.
@@ -51,13 +52,15 @@ class DataSplits:
     train: Dataset
     val: Dataset
     num_classes: int
-    input_shape: tuple[int, ...]  # per sample: (C, H, W) for images, (F,) for tabular
+    input_shape: tuple[int, ...]  # per sample: (C, H, W) for images, (F,) for tabular, () for text
     class_names: list[str]
     name: str
     # What the recipe may want to log or save: where validation came from and the standardization used.
     val_source: str = ""
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    kind: str = ""  # "image", "tabular" or "text"
+    preprocessor: Any = None  # the tokenizer or image processor that made the inputs (an HF model keeps it)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,19 +199,34 @@ def load_splits(
     image_size: int | None = None,
     image_mean: Sequence[str] | None = None,
     image_std: Sequence[str] | None = None,
+    dataset_config: str | None = None,
+    text_columns: list[str] | None = None,
+    text: TextOptions | None = None,
 ) -> DataSplits:
     """Load `dataset` ('digits', a local path, or a Hub name) as standardized train/val splits.
 
     Image columns stay undecoded until a batch asks for them (launcher.images); `augment` applies to the
     training split of image inputs only.
+
+
+    dataset_config: the configuration of a Hub dataset that has several (load_dataset's `name`).
+    Text inputs (--text-columns, or string columns when no image column is found) are tokenized with
+    `text`'s tokenizer (launcher.text); without `text` they are refused.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
     check_augment(augment)
     with _quiet():
-        train, val, split_names = _load_train_val(dataset)
+        train, val, split_names = _load_train_val(dataset, dataset_config)
         columns = list(train.features)
         label_col = _find_label_column(train.features, label_column, image_column)
+        text_cols = []
+        if text_columns or (image_column is None and _detect_image_column(train.features, label_col) is None):
+            text_cols = find_text_columns(train.features, label_col, text_columns)
+        if text_cols and text is None:
+            if all(_array_depth(train.features[c]) is None for c in columns if c not in (label_col, *text_cols)):
+                raise UsageError(text_needs_model(text_cols))
+            text_cols = []  # numeric columns too: perhaps meant as tabular, and the tabular error says both
         if val is not None:
             _require_same_columns(val, columns, split_names)
 
@@ -224,12 +242,19 @@ def load_splits(
             for split, size in zip(split_names, (len(train), len(val))):
                 if size == 0:
                     raise UsageError(f"split '{split}' of {dataset!r} is empty")
+        if text_cols:
+            train_ds, val_ds = tokenized_splits(text, text_cols, (train, train_rows, train_labels),
+                                                (train if val is None else val, val_rows, val_labels))
+            return DataSplits(train=train_ds, val=val_ds, num_classes=len(class_names), input_shape=(),
+                              class_names=class_names, name=dataset, val_source=val_source, kind="text",
+                              preprocessor=text.tokenizer)
 
         column = image_column or _detect_image_column(train.features, label_col)
         if column is not None and isinstance(train.features[column], datasets.Image):
             train_ds, val_ds, shape, mean, std = lazy_image_splits(
                 train, train if val is None else val, column, (train_rows, train_labels), (val_rows, val_labels),
                 seed=seed, augment=augment, image_size=image_size, image_mean=image_mean, image_std=image_std)
+            kind = "image"
         else:
             spec, train_table, val_table = _input_spec(train, val, label_col, image_column)
             train_store = _ColumnStore(train_table, spec)
@@ -237,7 +262,7 @@ def load_splits(
             train_ds, val_ds, mean, std = _standardized(
                 spec, (train_store, train_rows, train_labels), (val_store, val_rows, val_labels)
             )
-            shape = spec.shape
+            shape, kind = spec.shape, spec.kind
             if augment != "none":
                 if spec.kind != "image":
                     raise UsageError(f"--augment {augment} needs image inputs; this dataset's inputs are tabular")
@@ -252,6 +277,7 @@ def load_splits(
         val_source=val_source,
         mean=mean.flatten().tolist(),
         std=std.flatten().tolist(),
+        kind=kind,
     )
 
 
@@ -267,8 +293,9 @@ def _quiet() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _load_train_val(dataset: str) -> tuple[datasets.Dataset, datasets.Dataset | None, tuple[str, str]]:
-    loaded = _load_raw(dataset)
+def _load_train_val(dataset: str, config: str | None = None,
+                    ) -> tuple[datasets.Dataset, datasets.Dataset | None, tuple[str, str]]:
+    loaded = _load_raw(dataset, config)
     if isinstance(loaded, datasets.Dataset):
         return loaded, None, ("train", "")
     if not isinstance(loaded, datasets.DatasetDict):
@@ -289,7 +316,10 @@ def _load_train_val(dataset: str) -> tuple[datasets.Dataset, datasets.Dataset | 
     return loaded[train_name], (loaded[val_name] if val_name else None), (train_name, val_name)
 
 
-def _load_raw(dataset: str) -> datasets.Dataset | datasets.DatasetDict:
+def _load_raw(dataset: str, config: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
+    if config is not None and (dataset == "digits" or Path(dataset).expanduser().exists()):
+        raise UsageError(f"--dataset-config names a configuration of a Hub dataset; {dataset!r} is local: "
+                         f"leave --dataset-config out")
     if dataset == "digits":
         return _digits()
     path = Path(dataset).expanduser()
@@ -313,7 +343,7 @@ def _load_raw(dataset: str) -> datasets.Dataset | datasets.DatasetDict:
     if _looks_like_path(dataset):
         raise UsageError(f"dataset path {dataset!r} does not exist")
     try:
-        return datasets.load_dataset(dataset)
+        return datasets.load_dataset(dataset, name=config)
     except Exception as error:  # network, missing or gated dataset: all end the same way for the user
         raise UsageError(
             f"could not find or load dataset {dataset!r} from the Hugging Face Hub "
@@ -575,7 +605,8 @@ def _tabular_spec(features: datasets.Features, label_col: str) -> _InputSpec:
         kinds = ", ".join(f"{c!r} ({_describe(features[c])})" for c in bad)
         raise UsageError(
             f"no image column found, so all other columns must be numeric features, but {kinds} "
-            f"is not; drop or encode it, or name the input column with --image-column"
+            f"is not; drop or encode it, or name the input column with --image-column (text inputs need "
+            f"--model hf:NAME_OR_PATH)"
         )
     if not columns:
         raise UsageError(f"the dataset has no input columns besides the label {label_col!r}")

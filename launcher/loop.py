@@ -66,9 +66,10 @@ from launcher.preemption import PreemptionWatch
 from launcher.schedulers import replan
 from launcher.sampling import ElasticBatchSampler, find_elastic_sampler, iterate, share
 from launcher.tracking import NullTracker, Tracker
-from launcher.write_failures import main_writes, write_failed
 from launcher.timeouts import Timeouts
 from launcher.watchdog import NO_WATCHDOG, NoWatchdog, nccl_environment, start_watchdog
+from launcher.unused_parameters import configure_ddp
+from launcher.write_failures import main_writes, write_failed
 
 Batch = Any
 UnpackBatch = Callable[[Batch], tuple[Any, torch.Tensor]]
@@ -162,16 +163,46 @@ def _has_other_accelerator() -> bool:
 
 
 def default_unpack(batch: Batch) -> tuple[Any, torch.Tensor]:
-    """Batches are `(inputs, targets)` pairs, or mappings with a 'label'/'labels' key and one input key."""
+    """Batches are `(inputs, targets)` pairs, or mappings with a 'label'/'labels' key.
+
+    A mapping with one input besides the label gives that input (called positionally, as a pair's would
+    be); with several (input_ids, attention_mask, ...), the mapping of them all, which `forward` hands to
+    the model as keyword inputs.
+    """
     if isinstance(batch, Mapping):
         label_key = "labels" if "labels" in batch else "label"
-        inputs = [v for k, v in batch.items() if k != label_key]
-        if label_key not in batch or len(inputs) != 1:
-            raise ValueError("a dict batch needs a 'label' or 'labels' key and exactly one input; "
-                             "pass unpack_batch= to fit to say how to split it")
-        return inputs[0], batch[label_key]
+        if label_key not in batch:
+            raise ValueError("a dict batch needs a 'label' or 'labels' key; pass unpack_batch= to fit to say "
+                             "how to split it")
+        inputs = {k: v for k, v in batch.items() if k != label_key}
+        if not inputs:
+            raise ValueError("a dict batch needs at least one input besides its labels")
+        return (next(iter(inputs.values())) if len(inputs) == 1 else inputs), batch[label_key]
     inputs, targets = batch
     return inputs, targets
+
+
+def forward(model: Callable, inputs: Any) -> torch.Tensor:
+    """The logits of `model` on `inputs`: a mapping is passed as keyword inputs (model(**inputs))."""
+    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return outputs if type(outputs) is torch.Tensor else logits_of(outputs)
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits in a model's outputs: a tensor, a transformers ModelOutput or mapping with 'logits', or a
+    tuple whose first element is the logits. The launcher computes its own loss from them and never uses a
+    loss the model may have computed."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find logits in model outputs of type {type(outputs).__name__}: return a "
+                        f"tensor, an object or mapping with 'logits', or a tuple whose first element is them")
+    return logits
 
 
 def per_sample_loss_fn(loss_fn: Callable) -> Callable:
@@ -258,7 +289,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable, *, num
             batch = send_to_device(batch, accelerator.device, non_blocking=True)
         inputs, targets = unpack_batch(batch)
         with autocast():
-            outputs = model(inputs)
+            outputs = forward(model, inputs)
             losses = per_sample(outputs, targets)
         is_last = getattr(loader, "end_of_dataloader", False)
         stats.update(losses.float(), outputs, targets,
@@ -290,6 +321,7 @@ class FitRun:
     progress: bool  # show a progress bar on each node's local main process
     save_every_steps: int | None
     output_dir: Path | None  # None: nothing is written
+    export_final: Callable[[torch.nn.Module, dict, Path], None] | None  # writes more into final/ (rank 0)
     # What a checkpoint saves and a resume restores.
     state: TrainerState
     # The training loader's ElasticBatchSampler (launcher.sampling), None for a loader Accelerate prepared:
@@ -342,6 +374,8 @@ def fit(
     lease: Any = None,
     collective_timeout: float | None = None,
     init_timeout: float | None = None,
+    find_unused_parameters: str | bool = "auto",
+    export_final: Callable[[torch.nn.Module, dict, Path], None] | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -377,6 +411,10 @@ def fit(
     collective_timeout / init_timeout: seconds a training step / start-up, validation or a checkpoint write
         may stall before the job ends naming the stalled rank (launcher.watchdog); default: the
         accelerator's (make_accelerator's arguments), else launcher.watchdog's defaults.
+    find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
+        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.unused_parameters).
+    export_final: called on the main process with the unwrapped model, its full state dict and the final/
+        folder once final/model.safetensors is written (the recipe writes final/hf/ with it).
     """
     accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed,
                                                   collective_timeout=collective_timeout, init_timeout=init_timeout)
@@ -386,6 +424,7 @@ def fit(
     if best_metric not in VAL_METRIC_NAMES:
         raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
     tracker = tracker if tracker is not None else NullTracker()
+    configure_ddp(accelerator, model, train_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
     model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
     train_sampler = find_elastic_sampler(train_loader)
     batches_per_epoch = train_sampler.batches_per_epoch if train_sampler is not None else len(train_loader)
@@ -399,6 +438,7 @@ def fit(
         per_sample=per_sample_loss_fn(loss_fn), num_classes=num_classes, unpack=unpack_batch,
         max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
         save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
+        export_final=export_final,
         state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
                            extra=dict(extra_state or {})),
         train_sampler=train_sampler,
@@ -710,7 +750,7 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             batch = feed.next(batch)
         inputs, targets = run.unpack(batch)
         with accumulate(model):
-            outputs = model(inputs)
+            outputs = forward(model, inputs)
             losses = run.per_sample(outputs, targets)
             backward(losses)
             if acc.sync_gradients and run.max_grad_norm:
@@ -1013,6 +1053,8 @@ def _write_final(run: FitRun) -> None:
         write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
                                                          "global_step": run.state.global_step,
                                                          "finished": run.state.finished})
+        if run.export_final is not None:
+            run.export_final(acc.unwrap_model(run.model), weights, final)
 
     main_writes(acc.is_main_process, final, "final weights", write)
 

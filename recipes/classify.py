@@ -4,6 +4,8 @@
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml recipes/classify.py --epochs 5
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/classify.py \\
         --dataset cifar10 --model resnet
+    accelerate launch recipes/classify.py --dataset glue --dataset-config mrpc \\
+        --model hf:bert-base-uncased --lr 2e-5 --epochs 3         # transformers models: docs/hf.md
     python recipes/classify.py --help                           # every flag, with its default
 
 Outputs go to --output-dir (default runs/<time>): metrics.jsonl, config.json, checkpoints/, final/.
@@ -22,13 +24,13 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
-from launcher import evaluate, fit, make_accelerator
+from launcher import evaluate, fit, hf, make_accelerator
 from launcher.checkpoint import load_model_weights, loadable_checkpoint, read_trainer_state, write_json_atomic
 from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.lease import claim_for_ranks
-from launcher.loop import finite_or_none, start_process_group
+from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
 from launcher.models import build_model
 from launcher.relaunch import (
     choose_checkpoint,
@@ -40,6 +42,7 @@ from launcher.relaunch import (
 )
 from launcher.streaming import load_stream_splits
 from launcher.schedulers import from_name
+from launcher.text import TextOptions
 from launcher.tracking import run_metadata, start_tracker
 from launcher.write_failures import main_writes
 
@@ -84,7 +87,11 @@ def setup_branch(config: TrainConfig, checkpoint: Path | None, output_dir: Path)
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
-    error = None
+    error, text = None, None
+    if hf.is_hf(config.model):  # text is tokenized with the model's own tokenizer (loaded only for text)
+        name = hf.model_name(config.model)
+        text = TextOptions(lambda: hf.load_tokenizer(name), max_length=config.max_length,
+                           pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
             if config.streaming:
@@ -99,7 +106,9 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
                 data = load_splits(config.dataset, image_column=config.image_column,
                                    label_column=config.label_column, val_fraction=config.val_fraction,
                                    seed=config.seed, augment=config.augment, image_size=config.image_size,
-                                   image_mean=config.image_mean, image_std=config.image_std)
+                                   image_mean=config.image_mean, image_std=config.image_std,
+                                   dataset_config=config.dataset_config, text_columns=config.text_columns,
+                                   text=text)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:
@@ -108,16 +117,21 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
         raise UsageError(f"dataset {data.name} has {data.num_classes} class ({', '.join(data.class_names)}) in "
                          f"--label-column {config.label_column or '(auto-detected)'}; classification needs at "
                          f"least two: check the dataset and the label column")
+    if hf.is_hf(config.model) and data.kind == "image":  # the model's image processor, not our standardization
+        data = hf.with_image_processor(data, hf.model_name(config.model), notice=accelerator.print)
     return data
 
 
-def setup_model(config: TrainConfig, data: DataSplits) -> tuple[torch.nn.Module, int]:
+def setup_model(config: TrainConfig, accelerator: Accelerator, data: DataSplits) -> tuple[torch.nn.Module, int]:
     """The model and its number of outputs, checked against the labels on one sample."""
-    model = build_model(config.model, data.input_shape, data.num_classes)
-    inputs, _ = next(iter(make_loader(data.val, 1, shuffle=False, rank=0, world_size=1)))
+    if hf.is_hf(config.model):
+        model = hf.load_model(hf.model_name(config.model), data, notice=accelerator.print)
+    else:
+        model = build_model(config.model, data.input_shape, data.num_classes)
+    inputs, _ = default_unpack(next(iter(make_loader(data.val, 1, shuffle=False, rank=0, world_size=1))))
     model.eval()
     with torch.no_grad():
-        outputs = model(inputs)
+        outputs = forward(model, inputs)  # the logits, whatever the model returns them in
     if outputs.dim() != 2 or outputs.shape[-1] < data.num_classes:
         raise UsageError(f"dataset {data.name} has {data.num_classes} classes (labels 0..{data.num_classes - 1}) "
                          f"but model {config.model} outputs shape {tuple(outputs.shape[1:])} per sample; "
@@ -187,7 +201,7 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
                                    collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
-    model, num_classes = setup_model(config, data)
+    model, num_classes = setup_model(config, accelerator, data)
     info = run_info(config, accelerator, data, num_classes)
     if config.eval_only:
         run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes)
@@ -219,8 +233,11 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
         early_stopping_patience=config.early_stopping_patience, output_dir=output_dir,
         save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
         config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
-        log_every=config.log_every, tracker=tracker, lease=lease)
-    accelerator.print(f"done: {output_dir}/final/model.safetensors")
+        log_every=config.log_every, tracker=tracker, lease=lease,
+        find_unused_parameters=config.find_unused_parameters,
+        export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
+    accelerator.print(f"done: {output_dir}/final/model.safetensors"
+                      + (f" and {output_dir}/final/hf (from_pretrained)" if hf.is_hf(config.model) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
