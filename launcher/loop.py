@@ -42,8 +42,11 @@ from launcher.checkpoint import (
     write_text_atomic,
 )
 from launcher.errors import EXIT_PREEMPTED
+from launcher.fsdp import check_distributed, launcher_shards, shard_model
 from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
+from launcher.sharded import check_resume_format, full_model_state, is_sharded_checkpoint, is_sharded_model, \
+    load_sharded, save_sharded
 from launcher.tracking import NullTracker, Tracker
 
 Batch = Any
@@ -73,7 +76,9 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, **kwargs: 
     kwargs.setdefault("cpu", not (torch.cuda.is_available() or _has_other_accelerator()))
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
                                                                    non_blocking=True))
-    return Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
+    check_distributed(accelerator)  # never a silent downgrade (e.g. an FSDP config running as DDP)
+    return accelerator
 
 
 def _has_other_accelerator() -> bool:
@@ -272,6 +277,8 @@ def fit(
         raise ValueError("fit steps the scheduler itself: build the Accelerator with "
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
     tracker = tracker if tracker is not None else NullTracker()
+    if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.fsdp)
+        model = shard_model(accelerator, model, optimizer)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
     sched = scheduler(optimizer.optimizer, steps_per_epoch * epochs) if scheduler else None
@@ -333,10 +340,17 @@ def fit(
 
 def _resume(run: FitRun, path: Path) -> None:
     acc = run.accelerator
-    state, rng, stats = load_checkpoint(
-        path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
-        scaler=acc.scaler, rank=acc.process_index)
+    check_resume_format(path, sharded_run=is_sharded_model(run.model))
+    if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
+        state, rng, stats = load_sharded(
+            path, model=acc.unwrap_model(run.model), optimizer=run.optimizer.optimizer,
+            scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
+            scaler=acc.scaler, rank=acc.process_index)
+    else:
+        state, rng, stats = load_checkpoint(
+            path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
+            scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
+            scaler=acc.scaler, rank=acc.process_index)
     if state.world_size != acc.num_processes:
         if state.batches_done:
             # Per-process positions do not map one-to-one onto another world size: redo the epoch.
@@ -558,9 +572,13 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)
-    path = run.manager.save(
-        state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler)
+    scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
+    if is_sharded_model(run.model):  # every rank writes its own shards (launcher.sharded)
+        path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
+                            optimizer=run.optimizer.optimizer, scheduler=scheduler, scaler=acc.scaler)
+    else:
+        path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
+                                scheduler=scheduler, scaler=acc.scaler)
     run.last_checkpoint = path
     if best:
         run.manager.mark_best(path.name)
@@ -573,7 +591,9 @@ def _write_final(run: FitRun) -> None:
     acc.wait_for_everyone()
     if run.output_dir is None:
         return
-    weights = acc.get_state_dict(run.model)
+    # Under FSDP the whole model exists only here, once, gathered onto rank 0's CPU.
+    weights = full_model_state(acc.unwrap_model(run.model)) if is_sharded_model(run.model) \
+        else acc.get_state_dict(run.model)
     if acc.is_main_process:
         final = run.output_dir / "final"
         final.mkdir(parents=True, exist_ok=True)

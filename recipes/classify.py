@@ -22,12 +22,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from launcher import evaluate, fit, make_accelerator
-from launcher.checkpoint import load_model_weights, read_trainer_state, resolve_resume, write_json_atomic
+from launcher.checkpoint import read_trainer_state, resolve_resume, write_json_atomic
 from launcher.config import TrainConfig, parse_config
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, UsageError
+from launcher.fsdp import distributed_label, is_fsdp
 from launcher.models import build_model
 from launcher.schedulers import from_name
+from launcher.sharded import check_resume_format, load_weights
 from launcher.tracking import run_metadata, start_tracker
 
 
@@ -72,7 +74,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "num_nodes": max(accelerator.num_processes // procs_per_node, 1),
         "procs_per_node": procs_per_node,
         "mixed_precision": accelerator.mixed_precision,
-        "distributed_type": str(accelerator.distributed_type.value),
+        "distributed_type": distributed_label(accelerator),  # e.g. "FSDP2 (launcher, CPU/gloo)", never a guess
         "device": accelerator.device.type,
         "dataset": data.name,
         "model": config.model,
@@ -87,11 +89,13 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
 
 def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Path, data: DataSplits,
                   model: torch.nn.Module, checkpoint: Path, num_classes: int) -> None:
-    load_model_weights(model, checkpoint)
+    load_weights(model, checkpoint)  # sharded or not, whatever world size wrote it: the whole model per process
     loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                          num_workers=config.num_workers)
-    metrics = evaluate(model, loader, torch.nn.CrossEntropyLoss(), num_classes=num_classes,
-                       accelerator=accelerator, prepare=True)
+    # Evaluation needs no sharding or DDP wrapper (accelerate's FSDP2 prepare also wants an optimizer).
+    model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
+    metrics = evaluate(model, accelerator.prepare_data_loader(loader), torch.nn.CrossEntropyLoss(),
+                       num_classes=num_classes, accelerator=accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         row = {k: v for k, v in metrics.as_row("val").items()}
@@ -106,6 +110,8 @@ def train(argv: list[str] | None = None) -> None:
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed)
     output_dir = setup_output_dir(config, accelerator)
     checkpoint = resolve_resume(config.resume, output_dir)
+    if checkpoint is not None and not config.eval_only:
+        check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, data)
@@ -127,6 +133,8 @@ def train(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info})
+    accelerator.print(f"distributed: {info['distributed_type']}, {info['world_size']} processes on "
+                      f"{info['device']}, mixed precision {info['mixed_precision']}")
     fit(model, optimizer, train_loader, val_loader, torch.nn.CrossEntropyLoss(), epochs=config.epochs,
         num_classes=num_classes, accelerator=accelerator, scheduler=scheduler,
         max_grad_norm=config.max_grad_norm or None, best_metric=config.best_metric, best_mode=config.best_mode,
