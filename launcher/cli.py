@@ -1,4 +1,5 @@
-"""The `launcher` console script: `launcher submit ...` (SLURM) and `launcher compare ...` (local runs)."""
+"""The `launcher` console script: `launcher submit ...` (SLURM), `launcher compare ...` (local runs) and
+`launcher export ...` (one safetensors file from any checkpoint)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import sys
 
 from launcher.errors import EXIT_USAGE, UsageError
 
-USAGE = """usage: launcher {submit,compare} ...
+USAGE = """usage: launcher {submit,compare,export} ...
 
   submit   render an sbatch script for a (multi-node) training job and submit it
   compare  compare runs from their metrics.jsonl and saved configs
+  export   write one plain safetensors file from a checkpoint, sharded (FSDP) or not
 """
 
 
@@ -28,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.compare import compare_main
 
             return compare_main(rest)
-        raise UsageError(f"unknown command {command!r}: use 'launcher submit' or 'launcher compare'")
+        if command == "export":
+            from launcher.export import export_main
+
+            return export_main(rest)
+        raise UsageError(f"unknown command {command!r}: use 'launcher submit', 'launcher compare' or 'launcher export'")
     except UsageError as err:
         print(f"launcher {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

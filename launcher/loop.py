@@ -60,11 +60,20 @@ from launcher.checkpoint import (
 )
 from launcher.elastic import join_restarted_group
 from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost, RunStopped, UsageError
+from launcher.fsdp import check_distributed, launcher_shards, shard_model
 from launcher.lease import claim_for_ranks
 from launcher.metrics import VAL_METRIC_NAMES, ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.schedulers import replan
 from launcher.sampling import ElasticBatchSampler, find_elastic_sampler, iterate, share
+from launcher.sharded import (
+    check_resume_format,
+    full_model_state,
+    is_sharded_checkpoint,
+    is_sharded_model,
+    load_sharded,
+    save_sharded,
+)
 from launcher.tracking import NullTracker, Tracker
 from launcher.timeouts import Timeouts
 from launcher.watchdog import NO_WATCHDOG, NoWatchdog, nccl_environment, start_watchdog
@@ -125,6 +134,7 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective
                                                                    non_blocking=True))
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs)
     accelerator.launcher_timeouts = timeouts
+    check_distributed(accelerator)  # never a silent downgrade (e.g. an FSDP config running as DDP)
     return accelerator
 
 
@@ -425,6 +435,8 @@ def fit(
         raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
     tracker = tracker if tracker is not None else NullTracker()
     configure_ddp(accelerator, model, train_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
+    if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.fsdp)
+        model = shard_model(accelerator, model, optimizer)
     model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
     train_sampler = find_elastic_sampler(train_loader)
     batches_per_epoch = train_sampler.batches_per_epoch if train_sampler is not None else len(train_loader)
@@ -541,19 +553,24 @@ def _resume(run: FitRun, path: Path) -> None:
     """Load the checkpoint on every rank, all or nothing: every rank checks everything first, and only
     when all ranks could (one all-gather) does any rank apply it."""
     acc = run.accelerator
-    targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
-               "scheduler": run.step_sched.scheduler if run.step_sched is not None else run.plateau,
-               "scaler": acc.scaler}
-    loaded, error = None, None
-    try:
-        loaded = read_checkpoint(path, rank=acc.process_index, **targets)
-    except CheckpointError as err:
-        error = str(err)
-    error = first_error(error)
-    if error is not None:
-        raise UsageError(f"cannot resume from {path}: {error}")
-    apply_checkpoint(loaded, **targets)
-    state, rng, stats = loaded.state, loaded.rng, loaded.stats
+    check_resume_format(path, sharded_run=is_sharded_model(run.model))
+    scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
+    if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
+        state, rng, stats = load_sharded(path, model=acc.unwrap_model(run.model), optimizer=run.optimizer.optimizer,
+                                         scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index)
+    else:
+        targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
+                   "scheduler": scheduler, "scaler": acc.scaler}
+        loaded, error = None, None
+        try:
+            loaded = read_checkpoint(path, rank=acc.process_index, **targets)
+        except CheckpointError as err:
+            error = str(err)
+        error = first_error(error)
+        if error is not None:
+            raise UsageError(f"cannot resume from {path}: {error}")
+        apply_checkpoint(loaded, **targets)
+        state, rng, stats = loaded.state, loaded.rng, loaded.stats
     sampler = run.train_sampler
     if sampler is not None and state.batches_done and not state.samples_done:
         # A checkpoint from before samples_done existed: its per-process position, counted globally. It was
@@ -1018,10 +1035,14 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
         state.best_checkpoint = checkpoint_name(state.global_step)
     if run.stateful_loader is not None:  # a collective: every rank calls _save
         state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
-    path = run.manager.save(
-        state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
-        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler,
-        best=best, failure=run.write_failure)
+    scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
+    if is_sharded_model(run.model):  # every rank writes its own shards (launcher.sharded)
+        path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
+                            optimizer=run.optimizer.optimizer, scheduler=scheduler, scaler=acc.scaler,
+                            best=best, failure=run.write_failure)
+    else:
+        path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
+                                scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure)
     run.last_checkpoint = path
     run.manager.rotate(protect=state.best_checkpoint)
 
@@ -1038,7 +1059,9 @@ def _write_final(run: FitRun) -> None:
     acc.wait_for_everyone()
     if run.output_dir is None:
         return
-    weights = plain_state_dict(acc.get_state_dict(run.model))
+    # Under FSDP the whole model exists only here, once, gathered onto rank 0's CPU.
+    weights = plain_state_dict(full_model_state(acc.unwrap_model(run.model)) if is_sharded_model(run.model)
+                               else acc.get_state_dict(run.model))
     final = run.output_dir / "final"
 
     def write() -> None:

@@ -25,10 +25,11 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from launcher import evaluate, fit, hf, make_accelerator
-from launcher.checkpoint import load_model_weights, loadable_checkpoint, read_trainer_state, write_json_atomic
+from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
 from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
+from launcher.fsdp import distributed_label, is_fsdp
 from launcher.lease import claim_for_ranks
 from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
 from launcher.models import build_model
@@ -42,6 +43,7 @@ from launcher.relaunch import (
 )
 from launcher.streaming import load_stream_splits
 from launcher.schedulers import from_name
+from launcher.sharded import check_resume_format, is_sharded_checkpoint, load_weights
 from launcher.text import TextOptions
 from launcher.tracking import run_metadata, start_tracker
 from launcher.write_failures import main_writes
@@ -146,7 +148,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "num_nodes": max(accelerator.num_processes // procs_per_node, 1),
         "procs_per_node": procs_per_node,
         "mixed_precision": accelerator.mixed_precision,
-        "distributed_type": str(accelerator.distributed_type.value),
+        "distributed_type": distributed_label(accelerator),  # e.g. "FSDP2 (launcher, CPU/gloo)", never a guess
         "device": accelerator.device.type,
         "dataset": data.name,
         "model": config.model,
@@ -163,11 +165,13 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
 def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Path, data: DataSplits,
                   model: torch.nn.Module, checkpoint: Path, num_classes: int) -> None:
     """Scores the split the checkpoint was validated on: its seed and val fraction come from its config."""
-    load_model_weights(model, checkpoint)
+    load_weights(model, checkpoint)  # sharded or not, whatever world size wrote it: the whole model per process
     loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                          num_workers=config.num_workers, seed=config.seed)
+    # Evaluation needs no sharding or DDP wrapper (accelerate's FSDP2 prepare also wants an optimizer).
+    model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
     metrics = evaluate(model, loader, torch.nn.CrossEntropyLoss(), num_classes=num_classes,
-                       accelerator=accelerator, prepare=True)
+                       accelerator=accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
@@ -199,6 +203,8 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed,
                                    collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
+    if checkpoint is not None and not config.eval_only:
+        check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, accelerator, data)
@@ -216,8 +222,10 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers, seed=config.seed)
     # A checkpoint that validates but does not fit this model: --resume auto falls back to an older one.
-    loadable = loadable_checkpoint(checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto",
-                                   output_dir=output_dir, is_main=accelerator.is_main_process)
+    # (A sharded checkpoint is checked by DCP as it loads, into the sharded model.)
+    loadable = checkpoint if checkpoint is None or is_sharded_checkpoint(checkpoint) else loadable_checkpoint(
+        checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto", output_dir=output_dir,
+        is_main=accelerator.is_main_process)
     if loadable != checkpoint:
         checkpoint, resumed = loadable, read_trainer_state(loadable) if loadable else {}
     # Everything is validated: from here on the output folder is written.
@@ -227,6 +235,8 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
                             history=resumed.get("history"))
     main_writes(accelerator.is_main_process, output_dir, "config.json",
                 lambda: write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info}))
+    accelerator.print(f"distributed: {info['distributed_type']}, {info['world_size']} processes on "
+                      f"{info['device']}, mixed precision {info['mixed_precision']}")
     fit(model, optimizer, train_loader, val_loader, torch.nn.CrossEntropyLoss(), epochs=config.epochs,
         num_classes=num_classes, accelerator=accelerator, scheduler=scheduler,
         max_grad_norm=config.max_grad_norm or None, best_metric=config.best_metric, best_mode=config.best_mode,

@@ -34,10 +34,15 @@ def make_env(**extra: str) -> dict:
     return env
 
 
-def launch_cmd(args: list[str], nproc: int = 1, *, script: Path = RECIPE, extra: list[str] = ()) -> list[str]:
-    """`accelerate launch` of the recipe: 1 process with cpu.yaml, N with cpu_ddp.yaml (gloo)."""
+def launch_cmd(args: list[str], nproc: int = 1, *, script: Path = RECIPE, extra: list[str] = (),
+               config: str | None = None) -> list[str]:
+    """`accelerate launch` of the recipe: 1 process with cpu.yaml, N with cpu_ddp.yaml (gloo); or N processes
+    with the named accelerate config (e.g. config="cpu_fsdp")."""
     base = [sys.executable, "-m", "accelerate.commands.launch"]
-    if nproc == 1:
+    if config is not None:
+        base += ["--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", str(nproc),
+                 "--main_process_port", str(free_port())]
+    elif nproc == 1:
         base += ["--config_file", str(CONFIGS / "cpu.yaml")]
     else:
         base += ["--config_file", str(CONFIGS / "cpu_ddp.yaml"), "--num_processes", str(nproc),

@@ -164,7 +164,9 @@ def test_bad_config_file(tmp_path, text, needle):
 def test_accelerate_configs_are_valid():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    expected = {"cpu": 1, "cpu_ddp": 2, "single_gpu": 1, "multi_gpu": 8, "multi_node": 16, "fsdp": 8}
+    expected = {"cpu": 1, "cpu_ddp": 2, "single_gpu": 1, "multi_gpu": 8, "multi_node": 16, "fsdp": 8,
+                "fsdp_multi_node": 16, "cpu_fsdp": 2}
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == expected.keys()  # a new config gets checked here too
     for name, nproc in expected.items():
         config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))  # rejects unknown keys
         assert config.num_processes == nproc, name
