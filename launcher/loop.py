@@ -469,10 +469,10 @@ def _final_is_current(run: FitRun) -> bool:
     return saved.get("global_step") == run.state.global_step and weights.is_file()
 
 
-def _check_finite(run: FitRun, losses: Mapping[str, float]) -> None:
+def _check_finite(run: FitRun, losses: Mapping[str, float | str]) -> None:
     """Stop the run (Diverged) when a loss that every rank agrees on is not finite."""
     for what, value in losses.items():
-        if not math.isfinite(value):
+        if isinstance(value, str) or not math.isfinite(value):
             raise Diverged(f"the {what} loss is {value} at step {run.state.global_step} (epoch {run.state.epoch + 1}); "
                            f"nothing was saved from this point; lower --lr or clip gradients (--max-grad-norm), and "
                            f"start a fresh run or --resume an earlier checkpoint", run.state.global_step)
@@ -484,7 +484,8 @@ def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     if bad.item():
-        _check_finite(run, {"training": float("nan")})
+        local = stats.buffer[-1].item()
+        _check_finite(run, {"training": local if not math.isfinite(local) else "not finite on another process"})
 
 
 def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
