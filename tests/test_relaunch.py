@@ -179,6 +179,10 @@ def test_an_early_stopped_run_stays_finished_and_a_kill_before_final_is_complete
     third = train([*EARLY, "--output-dir", str(out)])
     assert "nothing to do" in third and "--early-stopping-patience more than 1" in third
     assert snapshot(out / "final") == before and (out / "metrics.jsonl").read_text() == metrics
+    # A higher patience applies: the run trains on (and stops at --epochs 4, patience 3 used up there too).
+    fourth = train([*EARLY, "--early-stopping-patience", "3", "--output-dir", str(out)])
+    assert "relaunch: --early-stopping-patience 1 -> 3 (applies from now on)" in fourth
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
 def strict_json(line):
