@@ -682,11 +682,15 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
     if run.manager is None:
         return
     acc, state = run.accelerator, run.state
+    model_state = acc.get_state_dict(run.model)
+    # The loss so far can be finite while the last update already made the weights NaN: never save those.
+    if not all(bool(torch.isfinite(v).all()) for v in model_state.values() if v.is_floating_point()):
+        _check_finite(run, {"training": "finite, but the weights are not"})
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)
     path = run.manager.save(
-        state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
+        state, model_state=model_state, optimizer=run.optimizer,
         scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau, scaler=acc.scaler)
     run.last_checkpoint = path
     if best:
