@@ -711,13 +711,24 @@ def _final_is_current(run: FitRun) -> bool:
     return saved.get("global_step") == run.state.global_step and weights.is_file()
 
 
-def _check_finite(run: FitRun, losses: Mapping[str, float]) -> None:
+def _check_finite(run: FitRun, losses: Mapping[str, float | str]) -> None:
     """Stop the run (Diverged) when a loss that every rank agrees on is not finite."""
     for what, value in losses.items():
-        if not math.isfinite(value):
+        if isinstance(value, str) or not math.isfinite(value):
             raise Diverged(f"the {what} loss is {value} at step {run.state.global_step} (epoch {run.state.epoch + 1}); "
                            f"nothing was saved from this point; lower --lr or clip gradients (--max-grad-norm), and "
                            f"start a fresh run or --resume an earlier checkpoint", run.state.global_step)
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every rank's parameters are finite: this rank's own (its shards under FSDP, nothing is
+    gathered), one host read and one tiny all-reduce; called only at saves."""
+    local = [getattr(p, "_local_tensor", p) for p in model.parameters() if p.is_floating_point()]
+    bad = torch.stack([~torch.isfinite(t).all() for t in local]).any().float().reshape(1) if local else \
+        torch.zeros(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    return not bad.item()
 
 
 def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
@@ -726,7 +737,8 @@ def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     if bad.item():
-        _check_finite(run, {"training": float("nan")})
+        local = stats.buffer[-1].item()
+        _check_finite(run, {"training": local if not math.isfinite(local) else "not finite on another process"})
 
 
 def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
@@ -1030,6 +1042,9 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
 
 def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     acc, state = run.accelerator, run.state
+    # The loss so far can be finite while the last update already made the weights NaN: never save those.
+    if not _weights_finite(run.model):
+        _check_finite(run, {"training": "finite, but the weights are not"})
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)

@@ -148,4 +148,4 @@ def describe_abandoned(folder: Path, checkpoint: Path) -> str:
 
 def is_epoch_end(state: dict[str, Any]) -> bool:
     """A checkpoint saved at an epoch boundary (nothing of the next epoch trained yet)."""
-    return not state.get("batches_done")
+    return not state.get("batches_done") and not state.get("samples_done")

@@ -138,3 +138,27 @@ def test_loss_fn_must_give_per_sample_losses():
     with pytest.raises(ValueError, match="one loss per sample"):
         fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=16),
             lambda out, y: nn.functional.cross_entropy(out, y), epochs=1, num_classes=3, progress=False)
+
+
+def test_a_non_finite_loss_stops_fit_at_the_next_log_interval(tmp_path):
+    """The loss turns infinite at step 6; the check at the log interval (every 3 steps) stops the run there,
+    before the save of step 8, without a per-step host read."""
+    from launcher.checkpoint import list_checkpoints
+    from launcher.errors import EXIT_DIVERGED
+    from launcher.loop import Diverged
+
+    calls = []
+
+    def exploding(outputs, targets):
+        calls.append(1)
+        losses = nn.functional.cross_entropy(outputs, targets, reduction="none")
+        return losses * math.inf if len(calls) >= 6 else losses
+
+    model, opt = model_and_opt()
+    data = blobs()
+    with pytest.raises(Diverged) as caught:
+        fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=50), exploding, epochs=2,
+            num_classes=3, progress=False, log_every=3, save_every_steps=4, output_dir=tmp_path)
+    assert caught.value.code == EXIT_DIVERGED and caught.value.step == 6
+    assert "the training loss is inf at step 6 (epoch 1)" in str(caught.value)
+    assert list_checkpoints(tmp_path) == ["step-00000004"] and not (tmp_path / "checkpoints" / "best").exists()

@@ -40,6 +40,13 @@ def python_recipe(args, **env):
                           capture_output=True, text=True, timeout=180)
 
 
+def train(args):
+    """One training launch as a plain process; returns its output (stdout then stderr)."""
+    result = python_recipe(args)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
 def snapshot(folder):
     """Every file under `folder` with its size and modification time: what 'nothing written' compares."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -49,7 +56,7 @@ def snapshot(folder):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    run([*BASE, "--output-dir", str(out)])
+    train([*BASE, "--output-dir", str(out)])
     assert list_checkpoints(out) == ["step-00000010", "step-00000020", "step-00000023"]
     return out
 
@@ -62,9 +69,9 @@ def copy_of(finished, tmp_path):
 
 
 def test_more_epochs_on_a_finished_run_train_with_a_replanned_schedule(finished, copy_of):
-    result = run(["--epochs", "2", "--output-dir", str(copy_of)])  # the seed comes from the checkpoint
-    notices = [line for line in result.stdout.splitlines() if line.startswith("relaunch:")]
-    assert notices[0] == "relaunch: --epochs 1 -> 2 (applies from now on)", result.stdout
+    output = train(["--epochs", "2", "--output-dir", str(copy_of)])  # the seed comes from the checkpoint
+    notices = [line for line in output.splitlines() if line.startswith("relaunch:")]
+    assert notices[0] == "relaunch: --epochs 1 -> 2 (applies from now on)", output
     assert len(notices) == 2 and "re-planned to end at step 46 (it ended at step 23)" in notices[1]
     assert "the LR goes from 0 to 0.0005" in notices[1]  # half-way down the new cosine, not stuck at 0
     rows = read_metrics(copy_of)
@@ -75,8 +82,8 @@ def test_more_epochs_on_a_finished_run_train_with_a_replanned_schedule(finished,
 
 def test_an_unchanged_relaunch_of_a_finished_run_changes_nothing(copy_of):
     before, metrics = snapshot(copy_of), (copy_of / "metrics.jsonl").read_text()
-    result = run([*BASE, "--output-dir", str(copy_of)])
-    assert "nothing to do" in result.stdout and "relaunch with --epochs more than 1" in result.stdout
+    output = train([*BASE, "--output-dir", str(copy_of)])
+    assert "nothing to do" in output and "relaunch with --epochs more than 1" in output
     after = snapshot(copy_of)
     for name in [n for n in before if n.startswith(("final/", "checkpoints/"))]:
         assert after[name] == before[name], f"{name} was rewritten"
@@ -84,9 +91,9 @@ def test_an_unchanged_relaunch_of_a_finished_run_changes_nothing(copy_of):
 
 
 def test_batch_size_changes_at_an_epoch_boundary(copy_of):
-    result = run(["--epochs", "2", "--batch-size", "32", "--output-dir", str(copy_of)])
-    assert "relaunch: --batch-size 64 -> 32 (applies from the next epoch, the LR schedule re-planned)" in result.stdout
-    assert "re-planned to end at step 68" in result.stdout  # 23 steps done + ceil(1438 / 32)
+    output = train(["--epochs", "2", "--batch-size", "32", "--output-dir", str(copy_of)])
+    assert "relaunch: --batch-size 64 -> 32 (applies from the next epoch, the LR schedule re-planned)" in output
+    assert "re-planned to end at step 68" in output  # 23 steps done + ceil(1438 / 32)
     assert [r["step"] for r in read_metrics(copy_of)] == [23, 68]
     assert json.loads((copy_of / "config.json").read_text())["config"]["batch_size"] == 32
 
@@ -127,8 +134,8 @@ def test_eval_only_scores_the_split_the_checkpoint_was_validated_on(finished, tm
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(finished, copy_of):
     older = copy_of / "checkpoints" / "step-00000010"
-    result = run(["--resume", str(older), "--save-every-steps", "7", "--output-dir", str(copy_of)])
-    assert "2 newer checkpoint(s) (step-00000020 .. step-00000023) set aside in" in result.stdout
+    output = train(["--resume", str(older), "--save-every-steps", "7", "--output-dir", str(copy_of)])
+    assert "2 newer checkpoint(s) (step-00000020 .. step-00000023) set aside in" in output
     aside = list((copy_of / "checkpoints").glob("abandoned-*"))
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-00000020", "step-00000023"]
     # The new branch alone is in rotation (and what the next --resume auto sees): 14 and 21 are its saves.
@@ -156,22 +163,26 @@ EARLY = ["--epochs", "4", "--early-stopping-patience", "1", "--best-metric", "va
 
 def test_an_early_stopped_run_stays_finished_and_a_kill_before_final_is_completed(tmp_path):
     out = tmp_path / "early"
-    first = run([*EARLY, "--output-dir", str(out)])
-    assert "early stopping" in first.stdout and [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    first = train([*EARLY, "--output-dir", str(out)])
+    assert "early stopping" in first and [r["epoch"] for r in read_metrics(out)] == [1, 2]
     metrics, weights = (out / "metrics.jsonl").read_text(), final_weights(out)
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     assert state["finished"] == "early-stopped"
     # Killed after its last checkpoint, before final/: the relaunch writes final/ and trains nothing.
     shutil.rmtree(out / "final")
-    second = run([*EARLY, "--output-dir", str(out)])
-    assert "is finished (it stopped early at epoch 2" in second.stdout and "writing final/" in second.stdout
+    second = train([*EARLY, "--output-dir", str(out)])
+    assert "is finished (it stopped early at epoch 2" in second and "writing final/" in second
     assert_same_weights(final_weights(out), weights)
     assert (out / "metrics.jsonl").read_text() == metrics
     # Relaunched again: final/ is untouched, and the notice says how to train further.
     before = snapshot(out / "final")
-    third = run([*EARLY, "--output-dir", str(out)])
-    assert "nothing to do" in third.stdout and "--early-stopping-patience more than 1" in third.stdout
+    third = train([*EARLY, "--output-dir", str(out)])
+    assert "nothing to do" in third and "--early-stopping-patience more than 1" in third
     assert snapshot(out / "final") == before and (out / "metrics.jsonl").read_text() == metrics
+    # A higher patience applies: the run trains on (and stops at --epochs 4, patience 3 used up there too).
+    fourth = train([*EARLY, "--early-stopping-patience", "3", "--output-dir", str(out)])
+    assert "relaunch: --early-stopping-patience 1 -> 3 (applies from now on)" in fourth
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
 def strict_json(line):
