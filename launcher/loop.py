@@ -720,12 +720,13 @@ def _check_finite(run: FitRun, losses: Mapping[str, float | str]) -> None:
                            f"start a fresh run or --resume an earlier checkpoint", run.state.global_step)
 
 
-def _weights_finite(model: torch.nn.Module) -> bool:
+def _weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether every rank's parameters are finite: this rank's own (its shards under FSDP, nothing is
     gathered), one host read and one tiny all-reduce; called only at saves."""
     local = [getattr(p, "_local_tensor", p) for p in model.parameters() if p.is_floating_point()]
-    bad = torch.stack([~torch.isfinite(t).all() for t in local]).any().float().reshape(1) if local else \
-        torch.zeros(1)
+    bad = torch.zeros(1, device=device)  # on the device: NCCL reduces only device tensors
+    if local:
+        bad += torch.stack([~torch.isfinite(t).all() for t in local]).any().to(device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     return not bad.item()
@@ -1043,7 +1044,7 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
 def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     acc, state = run.accelerator, run.state
     # The loss so far can be finite while the last update already made the weights NaN: never save those.
-    if not _weights_finite(run.model):
+    if not _weights_finite(run.model, acc.device):
         _check_finite(run, {"training": "finite, but the weights are not"})
     state.reason = reason
     if best:
