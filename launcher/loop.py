@@ -341,16 +341,11 @@ def fit(
 def _resume(run: FitRun, path: Path) -> None:
     acc = run.accelerator
     check_resume_format(path, sharded_run=is_sharded_model(run.model))
-    if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
-        state, rng, stats = load_sharded(
-            path, model=acc.unwrap_model(run.model), optimizer=run.optimizer.optimizer,
-            scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
-            scaler=acc.scaler, rank=acc.process_index)
-    else:
-        state, rng, stats = load_checkpoint(
-            path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-            scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
-            scaler=acc.scaler, rank=acc.process_index)
+    load = load_sharded if is_sharded_checkpoint(path) else load_checkpoint  # DCP reshards: any world size
+    state, rng, stats = load(
+        path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
+        scheduler=run.step_sched.scheduler if run.step_sched is not None else run.plateau,
+        scaler=acc.scaler, rank=acc.process_index)
     if state.world_size != acc.num_processes:
         if state.batches_done:
             # Per-process positions do not map one-to-one onto another world size: redo the epoch.
@@ -574,8 +569,8 @@ def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
         state.best_checkpoint = checkpoint_name(state.global_step)
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_model(run.model):  # every rank writes its own shards (launcher.sharded)
-        path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
-                            optimizer=run.optimizer.optimizer, scheduler=scheduler, scaler=acc.scaler)
+        path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
+                            scheduler=scheduler, scaler=acc.scaler)
     else:
         path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
                                 scheduler=scheduler, scaler=acc.scaler)
