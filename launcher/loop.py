@@ -556,7 +556,7 @@ def _resume(run: FitRun, path: Path) -> None:
     check_resume_format(path, sharded_run=is_sharded_model(run.model))
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
-        state, rng, stats = load_sharded(path, model=acc.unwrap_model(run.model), optimizer=run.optimizer.optimizer,
+        state, rng, stats = load_sharded(path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
                                          scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index)
     else:
         targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
@@ -1054,7 +1054,7 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_model(run.model):  # every rank writes its own shards (launcher.sharded)
         path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
-                            optimizer=run.optimizer.optimizer, scheduler=scheduler, scaler=acc.scaler,
+                            optimizer=run.optimizer, scheduler=scheduler, scaler=acc.scaler,
                             best=best, failure=run.write_failure)
     else:
         path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,

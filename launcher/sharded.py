@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from accelerate.optimizer import AcceleratedOptimizer
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -90,6 +91,11 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer: what DCP's state-dict API expects."""
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+
+
 def _barrier() -> None:
     if _world() > 1:
         dist.barrier()
@@ -107,6 +113,7 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
     together and leaves the earlier checkpoints as they were; a lost lease stops the run before any rank
     writes. `failure`: an earlier failed write of this rank (the metrics line), reported instead of writing.
     """
+    optimizer = _torch_optimizer(optimizer)
     rng_states = _gather_to_all(capture_rng())
     train_stats = _gather_to_all(state.train_stats)
     name = checkpoint_name(state.global_step)
@@ -198,12 +205,13 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None, scaler: Any = None,
                  rank: int = 0) -> tuple[TrainerState, dict | None, dict | None]:
-    """Load a sharded checkpoint into the prepared model (FSDP or plain) and the torch optimizer.
+    """Load a sharded checkpoint into the prepared model (FSDP or plain) and its optimizer.
 
     Every rank calls this; DCP reads the slices each rank needs, whatever world size wrote them. Returns what
     launcher.checkpoint.load_checkpoint returns: the trainer state, this rank's RNG state and statistics.
     """
     validate(path)
+    optimizer = _torch_optimizer(optimizer)
     shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(shards, checkpoint_id=path / DCP_DIR)
     set_model_state_dict(model, shards["model"])

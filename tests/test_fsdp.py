@@ -82,7 +82,7 @@ def test_fsdp_is_reported_sharded_and_matches_ddp(clean, ddp):
     assert list_checkpoints(out) == sorted({"step-00000077", "step-00000084", "step-00000090", best})
 
 
-def test_kill_during_sharded_write_and_sigkill_then_resume_is_bit_identical(clean, tmp_path):
+def test_kill_during_write_preemption_and_sigkill_then_resume_is_bit_identical(clean, tmp_path):
     out = tmp_path / "run"
     # Rank 1 dies with its shards of step 14 written, before any commit: step 14 never becomes a checkpoint.
     proc = start([*ARGS, "--output-dir", str(out)], 2, config="cpu_fsdp", env=make_env(**{FAULT_ENV: "14"}))
@@ -90,6 +90,17 @@ def test_kill_during_sharded_write_and_sigkill_then_resume_is_bit_identical(clea
     assert proc.returncode != 0, output[-3000:]
     assert list_checkpoints(out) == ["step-00000007"], output[-3000:]
     assert (out / "checkpoints" / ".tmp-step-00000014-sharded" / "dcp").is_dir()
+    # SIGTERM (preemption) of the whole tree: the ranks agree and save a sharded checkpoint together.
+    # (torchrun itself also gets the signal and exits through its SignalException, so its exit code says
+    # nothing; the manifest does.)
+    before = list_checkpoints(out)[-1]
+    proc = start([*ARGS, "--output-dir", str(out)], 2, config="cpu_fsdp")
+    reached = wait_for(lambda: list_checkpoints(out)[-1] > before, timeout=300, proc=proc)
+    signal_tree(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    newest = out / "checkpoints" / list_checkpoints(out)[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert reached and manifest["reason"] == "preempted" and manifest["sharded"], output[-3000:]
     # SIGKILL the whole tree at a moment after a new checkpoint, mid-epoch.
     before = list_checkpoints(out)[-1]
     proc = start([*ARGS, "--output-dir", str(out)], 2, config="cpu_fsdp")
