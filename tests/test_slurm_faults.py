@@ -47,7 +47,7 @@ def test_stopped_rank_fails_the_job_within_the_bound_naming_it(
                "--output-dir", str(run)]
     job_id, _ = submit(cluster, options)
     log = run / "slurm" / f"classify-{job_id}.out"
-    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 120, cluster, job_id)
+    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 300, cluster, job_id)  # may queue
     victim = training_worker(job_id, 1)
     assert victim.environ()["SLURMD_NODENAME"] == "n2"
     victim.send_signal(signal.SIGSTOP)
@@ -74,7 +74,7 @@ def test_killed_rank_is_restarted_inside_the_allocation_and_the_job_ends_bit_ide
     run = tmp_path / "run"
     job_id, _ = submit(cluster, ["--nodes", "2", "--max-restarts", "1", "--output-dir", str(run)])
     log = run / "slurm" / f"classify-{job_id}.out"
-    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 120, cluster, job_id)
+    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 300, cluster, job_id)  # may queue
     training_worker(job_id, 1).send_signal(signal.SIGKILL)
     killed = time.monotonic()
     [record] = wait_job(cluster, job_id, 240, log)
