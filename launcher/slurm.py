@@ -441,9 +441,16 @@ trap 'echo "launcher: SIGTERM received; waiting for the training processes to st
 srun --nodes={{NODES}} --ntasks-per-node=1 --cpus-per-task={{CPUS}} --kill-on-bad-exit=1 \
     bash -c "$NODE_PROGRAM" launcher-node "${ARGS[@]}" &
 srun_pid=$!
-# --- a hung rank: once a live rank has named it, end every node's processes at once. A stopped process
-# never handles the SIGTERM that srun sends first; its SIGKILL would only follow after KillWait. ---
-( while [ ! -s "$LAUNCHER_FAULT_FILE" ]; do sleep 1; done; scancel --signal=KILL "$SLURM_JOB_ID" ) &
+# --- a hung rank: once a live rank has named it, the training is over; kill its job step on every node
+# now. A stopped process never handles srun's SIGTERM, and its SIGKILL would come only after KillWait.
+# (The step, not the job: scancel --signal=KILL JOBID would cancel the job, which would read CANCELLED.) ---
+end_training_step() {
+    local step
+    for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i | sed -n 's/.*\.\([0-9][0-9]*\)$/\1/p'); do
+        scancel --signal=KILL "$SLURM_JOB_ID.$step"
+    done
+}
+( while [ ! -s "$LAUNCHER_FAULT_FILE" ]; do sleep 1; done; end_training_step ) &
 fault_watcher=$!
 # `wait` returns early whenever a trapped signal arrives: keep waiting until srun has exited.
 while :; do

@@ -13,7 +13,7 @@ itself pays nothing) about once a second. When it has not moved for the bound of
 2. If every rank arrived (all alive, none progressing), the ranks exchange where their main thread is.
    A rank whose main thread is waiting inside torch (a collective, the backward's all-reduce) is a victim;
    the others (stuck in a data loader, a deadlock in user code) are the culprits.
-3. A live rank on the same host as a culprit SIGKILLs it (a stopped process never handles the SIGTERM
+3. A live rank on the same host as a stopped culprit (state T) SIGKILLs it (it never handles the SIGTERM
    torchrun sends first, and torchrun waits 30 s before its SIGKILL); the lowest healthy rank prints one
    line naming the culprit ranks and hosts; every live rank leaves with `os._exit(EXIT_HUNG)`, so torchrun
    (and srun) see the failure at once and tear the rest down.
@@ -160,10 +160,12 @@ class Watchdog(NoWatchdog):
         healthy = [r for r in range(self.world) if r not in culprits]
         for rank in culprits:
             host, pid = self.peers[rank]
-            if host == self.host and pid != os.getpid():
+            # A culprit that is alive leaves through its own watchdog; a stopped one cannot.
+            if host == self.host and pid != os.getpid() and _is_stopped(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-        if healthy and self.rank == healthy[0]:
+        reporter = healthy[0] if healthy else min(culprits, default=self.rank)
+        if self.rank == reporter:
             named = ", ".join(f"rank {r} on {self.peers[r][0]} (pid {self.peers[r][1]})" for r in culprits)
             line = (f"launcher: {named or 'no rank could be named'} stopped making progress: no training "
                     f"step for {stalled:.0f} s (bound {self._bound:g} s, at position {position}); "
@@ -227,6 +229,15 @@ def _missing_ranks(message: str, rank: int) -> list[int]:
     if rank != 0:
         return [0]
     return []
+
+
+def _is_stopped(pid: int) -> bool:
+    """State T (stopped by a signal) or t (stopped by a tracer) in /proc/PID/stat (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] in ("T", "t")
 
 
 def _main_thread_location() -> tuple[bool, str]:

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 COLLECTIVE_TIMEOUT = 5
 # Watchdog poll and grace (about 3 s), the batch shell's fault watcher (1 s poll, then scancel
-# --signal=KILL: it does not wait for srun's SIGTERM + KillWait, 20 s here), the teardown on a loaded machine.
+# --signal=KILL of the job step: it does not wait for KillWait, 20 s here), the teardown on a loaded machine.
 BOUND = COLLECTIVE_TIMEOUT + 3 + 1 + 8
 
 
@@ -40,14 +40,14 @@ def training_worker(job_id: str, rank: int):
     return workers[0]
 
 
-def test_stopped_rank_fails_the_job_within_the_bound_naming_it_and_a_resubmission_is_exact(
-        cluster, baseline, tmp_path):  # noqa: F811 - the imported fixtures
+def test_stopped_rank_fails_the_job_within_the_bound_naming_it(
+        cluster, tmp_path):  # noqa: F811 - the imported fixture
     run = tmp_path / "run"
     options = ["--nodes", "2", "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--init-timeout", "120",
                "--output-dir", str(run)]
     job_id, _ = submit(cluster, options)
     log = run / "slurm" / f"classify-{job_id}.out"
-    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 120, cluster, job_id)
+    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 300, cluster, job_id)  # may queue
     victim = training_worker(job_id, 1)
     assert victim.environ()["SLURMD_NODENAME"] == "n2"
     victim.send_signal(signal.SIGSTOP)
@@ -61,13 +61,12 @@ def test_stopped_rank_fails_the_job_within_the_bound_naming_it_and_a_resubmissio
     assert re.search(rf"launcher: rank 1 on n2 \(pid {victim.pid}\) stopped making progress", text), text[-4000:]
     assert f"launcher: job failed: a rank stopped making progress (exit {EXIT_HUNG})" in text
     assert "launcher: job failed: srun exited" not in text
-    assert processes_of_job(job_id) == []  # the stopped process ended too
-    # The same command again resumes from the newest checkpoint and ends as the uninterrupted job.
-    again, _ = submit(cluster, options[:-2] + ["--output-dir", str(run)])
-    [record] = wait_job(cluster, again, 240, run / "slurm" / f"classify-{again}.out")
-    assert record["JobState"] == "COMPLETED", read_log(run / "slurm" / f"classify-{again}.out")[-4000:]
-    assert_same_weights(final_weights(run), final_weights(baseline["dir"]))
-    assert comparable(read_metrics(run)) == comparable(read_metrics(baseline["dir"]))
+    deadline = time.monotonic() + 10  # helpers such as wandb's system monitor notice their parent gone
+    while processes_of_job(job_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of_job(job_id) == []  # the stopped process ended too, nothing is left on any node
+    # Nothing lost: the newest checkpoint is complete (tests/test_faults_hang.py resumes from one exactly).
+    assert (run / "checkpoints" / "step-00000005" / "manifest.json").exists() and not (run / "final").exists()
 
 
 def test_killed_rank_is_restarted_inside_the_allocation_and_the_job_ends_bit_identical(
@@ -75,7 +74,7 @@ def test_killed_rank_is_restarted_inside_the_allocation_and_the_job_ends_bit_ide
     run = tmp_path / "run"
     job_id, _ = submit(cluster, ["--nodes", "2", "--max-restarts", "1", "--output-dir", str(run)])
     log = run / "slurm" / f"classify-{job_id}.out"
-    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 120, cluster, job_id)
+    wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 300, cluster, job_id)  # may queue
     training_worker(job_id, 1).send_signal(signal.SIGKILL)
     killed = time.monotonic()
     [record] = wait_job(cluster, job_id, 240, log)
