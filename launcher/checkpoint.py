@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -616,7 +617,8 @@ def loadable_checkpoint(path: Path | None, *, model: torch.nn.Module, optimizer:
             break
         if not fallback:
             raise UsageError(f"--resume {candidate}: {error}")
-        warnings.warn(f"skipping checkpoint {candidate}: {error}", stacklevel=2)
+        if is_main:  # one line, from one rank
+            print(f"warning: skipping checkpoint {candidate}: {error}", file=sys.stderr, flush=True)
         skipped.append(candidate)
     else:
         raise UsageError(f"no checkpoint in {checkpoints_dir(output_dir or path.parent.parent)} loads into this "
