@@ -20,11 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.loops import Run, _EpochClockTracker, _quiet  # noqa: E402
 from bench.workloads import build_workloads  # noqa: E402
 from launcher import evaluate, fit, make_accelerator  # noqa: E402
-from launcher.data import TensorBatchedDataset, make_loader  # noqa: E402
+from launcher.data import TensorBatchedDataset, batched_collate, make_loader  # noqa: E402
 from launcher.preemption import PreemptionWatch  # noqa: E402
 
 COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "all_gather_object",
@@ -110,10 +111,12 @@ def main() -> None:
                                    "training epoch and per validation", "steps": steps, **during_fit}}
     for repeat in (1, 4):
         val = TensorBatchedDataset(xv.repeat(repeat, *([1] * (xv.dim() - 1))), yv.repeat(repeat))
-        loader = accelerator.prepare_data_loader(make_loader(val, w.batch_size, shuffle=False))
+        loader = make_loader(val, w.batch_size, shuffle=False)  # sharded per rank by its sampler already
         with count_collectives() as counts:
             evaluate(model, loader, torch.nn.CrossEntropyLoss(), num_classes=w.num_classes, accelerator=accelerator)
         collectives[f"eval_launcher_{repeat}"] = {"what": "launcher evaluate", "val_samples": len(val), **counts}
+        # gather_for_metrics needs Accelerate's own sharding (it drops the padding of the last batch).
+        loader = accelerator.prepare_data_loader(DataLoader(val, batch_size=w.batch_size, collate_fn=batched_collate))
         with count_collectives() as counts:
             gather_for_metrics_eval(accelerator, model, loader)
         collectives[f"eval_gather_{repeat}"] = {"what": "accelerate gather_for_metrics loop", "val_samples": len(val),

@@ -845,37 +845,46 @@ class _ElasticFeed:
     - whether the step ends here (every grad_accum batches and at the last one: Accelerate's own rule needs
       its prepared loader to know the end of the epoch);
     - the device copy (non-blocking; none on a CPU, where the loader's tensors already are).
+    All of it is planned once per epoch: per batch the loop pays one list lookup.
     """
 
     def __init__(self, acc: Accelerator, sampler: ElasticBatchSampler, mean_backward: Callable) -> None:
         self.acc, self.sampler, self.mean_backward = acc, sampler, mean_backward
-        self.accum = acc.gradient_accumulation_steps
         self.world = sampler.world_size
-        self.sizes = sampler.global_sizes()
         self.epoch_batches = sampler.batches_per_epoch
-        self.position, self.index = sampler.start, -1
         self.move = acc.device.type != "cpu"
         self.no_sync = acc.num_processes > 1 and not acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)
         self.plain = getattr(mean_backward, "plain", False)  # losses.backward(weights) is what acc.backward does
+        self.plan = self._plan(sampler.global_sizes(), acc.gradient_accumulation_steps, sampler.start)
+        self.position, self.index = sampler.start, -1
+        self.scale: float | None = None
         self._weights: dict[tuple, torch.Tensor] = {}
 
+    def _plan(self, sizes: list[int], accum: int, start: int) -> list[tuple[int, bool, float | None]]:
+        """Per batch: (global position after it, ends an optimizer step, loss scale or None for the mean)."""
+        plan, position = [], start
+        for i, size in enumerate(sizes):
+            position += size
+            first = i - i % accum
+            step_samples = sum(sizes[first: first + accum])
+            local = share(size, self.sampler.rank, self.world)[1]
+            full = local * self.world * accum == step_samples
+            plan.append((position, (i + 1) % accum == 0 or i + 1 == len(sizes),
+                         None if full else self.world * (1 if self.plain else accum) / step_samples))
+        return plan
+
     def __len__(self) -> int:
-        return len(self.sizes)
+        return len(self.plan)
 
     @property
     def is_last(self) -> bool:
-        return self.index + 1 == len(self.sizes)
+        return self.index + 1 == len(self.plan)
 
     def next(self, batch: Batch) -> Batch:
         self.index += 1
-        i = self.index
-        self.position += self.sizes[i]
-        sync = (i + 1) % self.accum == 0 or i + 1 == len(self.sizes)
+        self.position, sync, self.scale = self.plan[self.index]
         if not self.plain:  # the plain path has set it once for good (one micro-batch per step)
             self.acc.sync_gradients = sync
-        first = i - i % self.accum
-        self.step_samples = sum(self.sizes[first: min(first + self.accum, len(self.sizes))])
-        self.local = share(self.sizes[i], self.sampler.rank, self.world)[1]
         return send_to_device(batch, self.acc.device, non_blocking=True) if self.move else batch
 
     def accumulate(self, model: torch.nn.Module) -> Any:
@@ -884,19 +893,19 @@ class _ElasticFeed:
         return self.acc.no_sync(model)
 
     def backward(self, losses: torch.Tensor) -> None:
-        if self.local * self.world * self.accum == self.step_samples:
+        scale = self.scale
+        if scale is None:
             self.mean_backward(losses)  # every share full: the mean, exactly as without the sampler
         elif self.plain:
-            scale = self.world / self.step_samples
             key = (losses.shape[0], losses.dtype, losses.device, scale)
             weight = self._weights.get(key)
             if weight is None:
                 weight = self._weights[key] = torch.full_like(losses, scale)
             losses.backward(weight)
         else:
-            # accelerator.backward divides by grad_accum; an empty share still backpropagates (zeros) so
-            # that DDP's gradient all-reduce runs on every rank.
-            self.acc.backward(losses.sum() * (self.world * self.accum / self.step_samples))
+            # accelerator.backward divides by grad_accum (the scale has it); an empty share still
+            # backpropagates (zeros) so that DDP's gradient all-reduce runs on every rank.
+            self.acc.backward(losses.sum() * scale)
 
 
 # Where Accelerate's backward and optimizer wrappers do nothing beyond forwarding when there is no scaler.
