@@ -91,10 +91,10 @@ def main() -> None:
     if args.no_preemption_vote:
         PreemptionWatch.should_stop = lambda self: False
     if args.no_watchdog:
-        import launcher.loop
+        import launcher.loop.training
         from launcher.watchdog import NO_WATCHDOG
 
-        launcher.loop.start_watchdog = lambda progress, timeouts: NO_WATCHDOG
+        launcher.loop.training.start_watchdog = lambda progress, timeouts: NO_WATCHDOG
     accelerator = make_accelerator(seed=args.seed)
     w = build_workloads([args.workload], cnn_samples=args.cnn_samples, seed=args.seed)[args.workload]
     model, run = w.model(args.seed), Run()

@@ -1,0 +1,155 @@
+"""What `fit` writes: checkpoints, the final model, metrics.jsonl, and the finiteness checks that stop a
+diverged run (`Diverged`) before anything is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import gather_object
+
+from launcher.checkpoint import checkpoint_name, plain_state_dict, save_weights, write_json_atomic, write_text_atomic
+from launcher.errors import EXIT_DIVERGED
+from launcher.metrics import ConfusionStats
+from launcher.sharded import full_model_state, is_sharded_model, save_sharded
+from launcher.write_failures import main_writes
+from launcher.loop.state import FitRun
+
+
+class Diverged(SystemExit):
+    """Raised by `fit` when a training or validation loss is not finite; exits with EXIT_DIVERGED.
+
+    Checked where the loop reads losses anyway (log interval, mid-epoch save, epoch end), never per step;
+    nothing is saved from that point on, so `checkpoints/best` never points at diverged weights.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(EXIT_DIVERGED)
+        self.message, self.step = message, step
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _check_finite(run: FitRun, losses: Mapping[str, float | str]) -> None:
+    """Stop the run (Diverged) when a loss that every rank agrees on is not finite."""
+    for what, value in losses.items():
+        if isinstance(value, str) or not math.isfinite(value):
+            raise Diverged(f"the {what} loss is {value} at step {run.state.global_step} (epoch {run.state.epoch + 1}); "
+                           f"nothing was saved from this point; lower --lr or clip gradients (--max-grad-norm), and "
+                           f"start a fresh run or --resume an earlier checkpoint", run.state.global_step)
+
+
+def _weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every rank's parameters are finite: this rank's own (its shards under FSDP, nothing is
+    gathered), one host read and one tiny all-reduce; called only at saves."""
+    local = [getattr(p, "_local_tensor", p) for p in model.parameters() if p.is_floating_point()]
+    bad = torch.zeros(1, device=device)  # on the device: NCCL reduces only device tensors
+    if local:
+        bad += torch.stack([~torch.isfinite(t).all() for t in local]).any().to(device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    return not bad.item()
+
+
+def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
+    """The training loss so far, agreed across ranks (one tiny all-reduce; only where the loop syncs anyway)."""
+    bad = (~torch.isfinite(stats.buffer[-1:])).to(stats.buffer.dtype)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        local = stats.buffer[-1].item()
+        _check_finite(run, {"training": local if not math.isfinite(local) else "not finite on another process"})
+
+
+def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
+    """Write a checkpoint (every rank calls this); at epoch ends, also maintain best/ and rotation."""
+    run.last_checkpoint = None
+    if run.manager is None:
+        return
+    with run.watchdog.slow():
+        _write_checkpoint(run, reason, best)
+
+
+def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
+    acc, state = run.accelerator, run.state
+    # The loss so far can be finite while the last update already made the weights NaN: never save those.
+    if not _weights_finite(run.model, acc.device):
+        _check_finite(run, {"training": "finite, but the weights are not"})
+    state.reason = reason
+    if best:
+        state.best_checkpoint = checkpoint_name(state.global_step)
+    if run.stateful_loader is not None:  # a collective: every rank calls _save
+        state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
+    scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
+    if is_sharded_model(run.model):  # every rank writes its own shards (launcher.sharded)
+        path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
+                            optimizer=run.optimizer, scheduler=scheduler, scaler=acc.scaler,
+                            best=best, failure=run.write_failure)
+    else:
+        path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
+                                scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure)
+    run.last_checkpoint = path
+    run.manager.rotate(protect=state.best_checkpoint)
+
+
+def _check_lease(run: FitRun) -> None:
+    """Raise LeaseLost when another run took the output folder over (rank 0; the others hold no lease)."""
+    if run.manager is not None and run.manager.lease is not None:
+        run.manager.lease.check()
+
+
+def _write_final(run: FitRun) -> None:
+    """final/model.safetensors: the weights at the end of training, written atomically by rank 0."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if run.output_dir is None:
+        return
+    # Under FSDP the whole model exists only here, once, gathered onto rank 0's CPU.
+    weights = plain_state_dict(full_model_state(acc.unwrap_model(run.model)) if is_sharded_model(run.model)
+                               else acc.get_state_dict(run.model))
+    final = run.output_dir / "final"
+
+    def write() -> None:
+        _check_lease(run)
+        final.mkdir(parents=True, exist_ok=True)
+        tmp = final / ".model.safetensors.tmp"
+        try:
+            save_weights(weights, tmp)
+            tmp.replace(final / "model.safetensors")
+        finally:
+            tmp.unlink(missing_ok=True)
+        write_json_atomic(final / "trainer_state.json", {"history": run.state.history, "config": run.state.config,
+                                                         "global_step": run.state.global_step,
+                                                         "finished": run.state.finished})
+        if run.export_final is not None:
+            run.export_final(acc.unwrap_model(run.model), weights, final)
+
+    main_writes(acc.is_main_process, final, "final weights", write)
+
+
+def _json_line(row: Mapping[str, Any]) -> str:
+    """Strict JSON (RFC 8259 has no NaN/Infinity): a non-finite value is written as null."""
+    return json.dumps(finite_or_none(row), allow_nan=False) + "\n"
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, in nested lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def _rewrite_metrics(output_dir: Path, history: list[dict]) -> None:
+    """After a resume metrics.jsonl holds exactly the checkpoint's epochs (atomically replaced)."""
+    write_text_atomic(output_dir / "metrics.jsonl", "".join(_json_line(row) for row in history))

@@ -1,0 +1,430 @@
+"""The epoch loop itself: `fit`, one epoch of training, logging, validation, early stopping."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from launcher.checkpoint import CheckpointManager, TrainerState, append_line_durable, restore_rng
+from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost
+from launcher.fsdp import launcher_shards, shard_model
+from launcher.lease import claim_for_ranks
+from launcher.metrics import VAL_METRIC_NAMES, ConfusionStats
+from launcher.preemption import PreemptionWatch
+from launcher.sampling import find_elastic_sampler, iterate
+from launcher.tracking import NullTracker, Tracker
+from launcher.timeouts import Timeouts
+from launcher.watchdog import start_watchdog
+from launcher.unused_parameters import configure_ddp
+from launcher.write_failures import write_failed
+from launcher.loop.accelerator import make_accelerator, _timeouts
+from launcher.loop.batches import (
+    _batch_len,
+    default_unpack,
+    forward,
+    last_batch_remainder,
+    per_sample_loss_fn,
+    UnpackBatch,
+    valid_in_batch,
+)
+from launcher.loop.evaluation import evaluate
+from launcher.loop.outputs import (
+    _check_finite,
+    _check_finite_local,
+    _check_lease,
+    Diverged,
+    _json_line,
+    _rewrite_metrics,
+    _save,
+    _write_final,
+)
+from launcher.loop.resume import _finish_finished, finished_reason, planned_steps, _replan_schedule, _resume
+from launcher.loop.state import FitRun
+from launcher.loop.steps import _ElasticFeed, _plain_samples_done, _step_functions
+
+
+class Preempted(SystemExit):
+    """Raised by `fit` after a preemption checkpoint is saved; exits the process with EXIT_PREEMPTED."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(EXIT_PREEMPTED)
+        self.checkpoint = checkpoint
+
+
+def _better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def fit(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    loss_fn: Callable,
+    *,
+    epochs: int,
+    num_classes: int,
+    accelerator: Accelerator | None = None,
+    scheduler: Callable | None = None,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
+    seed: int | None = None,
+    best_metric: str = "val_accuracy",
+    best_mode: str = "max",
+    early_stopping_patience: int | None = None,
+    min_delta: float = 0.0,
+    output_dir: str | Path | None = None,
+    save_every_steps: int | None = None,
+    keep_last: int = 3,
+    resume_from: str | Path | None = None,
+    config: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+    log_every: int = 50,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    unpack_batch: UnpackBatch = default_unpack,
+    lease: Any = None,
+    collective_timeout: float | None = None,
+    init_timeout: float | None = None,
+    find_unused_parameters: str | bool = "auto",
+    export_final: Callable[[torch.nn.Module, dict, Path], None] | None = None,
+) -> list[dict]:
+    """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
+
+    model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate, except loaders
+        built on launcher.sampling.ElasticBatchSampler (make_loader), which continue exactly at any world
+        size (docs/data.md).
+    loss_fn: e.g. `nn.CrossEntropyLoss()`; fit uses per-sample losses (reduction='none') for exact metrics.
+    num_classes: size of the confusion matrix.
+    accelerator: defaults to `make_accelerator(grad_accum=grad_accum, seed=seed)`.
+    scheduler: a factory `(optimizer, total_optimizer_steps) -> scheduler` (see launcher.schedulers);
+        per-step schedules step after every optimizer step, ReduceLROnPlateau after every epoch with
+        `best_metric`.
+    max_grad_norm: clip the global gradient norm on every optimizer step (None: no clipping).
+    best_metric / best_mode: the validation metric (a key of the rows, e.g. val_accuracy, val_loss) that
+        early stopping, ReduceLROnPlateau and `checkpoints/best` follow.
+    early_stopping_patience: stop after this many epochs without an improvement of more than min_delta.
+    output_dir: where metrics.jsonl, checkpoints/ and final/ go (None: keep nothing on disk).
+    save_every_steps: also checkpoint every N optimizer steps; keep_last: checkpoints kept besides best.
+    resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
+    config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
+    log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
+    lease: the claim on output_dir (launcher.lease.claim_for_ranks, on every rank) when the caller holds one
+        already, as the recipe does before it writes anything; otherwise fit claims output_dir itself for
+        the call (a folder in use raises FolderInUse, a UsageError) and releases it at the end.
+    Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
+    `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
+    `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
+    `LeaseLost` (73) when another run took output_dir over; a stalled rank ends the job with exit 76
+    (launcher.watchdog).
+    A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
+    topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
+    it is missing or stale).
+    collective_timeout / init_timeout: seconds a training step / start-up, validation or a checkpoint write
+        may stall before the job ends naming the stalled rank (launcher.watchdog); default: the
+        accelerator's (make_accelerator's arguments), else launcher.watchdog's defaults.
+    find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
+        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.unused_parameters).
+    export_final: called on the main process with the unwrapped model, its full state dict and the final/
+        folder once final/model.safetensors is written (the recipe writes final/hf/ with it).
+    """
+    accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed,
+                                                  collective_timeout=collective_timeout, init_timeout=init_timeout)
+    if scheduler is not None and accelerator.step_scheduler_with_optimizer:
+        raise ValueError("fit steps the scheduler itself: build the Accelerator with "
+                         "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
+    if best_metric not in VAL_METRIC_NAMES:
+        raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
+    tracker = tracker if tracker is not None else NullTracker()
+    configure_ddp(accelerator, model, train_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
+    if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.fsdp)
+        model = shard_model(accelerator, model, optimizer)
+    model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
+    train_sampler = find_elastic_sampler(train_loader)
+    batches_per_epoch = train_sampler.batches_per_epoch if train_sampler is not None else len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / accelerator.gradient_accumulation_steps)
+    sched = scheduler(optimizer.optimizer, steps_per_epoch * epochs) if scheduler else None
+    plateau = sched if isinstance(sched, ReduceLROnPlateau) else None
+    step_sched = accelerator.prepare_scheduler(sched) if sched is not None and plateau is None else None
+
+    run = FitRun(
+        accelerator=accelerator, model=model, optimizer=optimizer, plateau=plateau, step_sched=step_sched,
+        per_sample=per_sample_loss_fn(loss_fn), num_classes=num_classes, unpack=unpack_batch,
+        max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
+        save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
+        export_final=export_final,
+        state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
+                           extra=dict(extra_state or {})),
+        train_sampler=train_sampler,
+    )
+    own_lease = run.output_dir is not None and lease is None
+    if own_lease:
+        lease = claim_for_ranks(run.output_dir, is_main=accelerator.is_main_process)
+    if getattr(train_loader, "resumes_itself", False):  # not hasattr(state_dict): accelerate's loaders have one
+        run.stateful_loader = train_loader
+    watch = PreemptionWatch()
+    timeouts = _timeouts(getattr(accelerator, "launcher_timeouts", None) or Timeouts(), collective_timeout,
+                         init_timeout)
+    run.watchdog = start_watchdog(lambda: (run.state.epoch, run.state.batches_done), timeouts)
+    exit_code = 1
+    try:
+        if run.output_dir is not None:
+            if accelerator.is_main_process:
+                run.output_dir.mkdir(parents=True, exist_ok=True)
+            run.manager = CheckpointManager(run.output_dir, keep_last=keep_last,
+                                            is_main=accelerator.is_main_process, lease=lease)
+            run.manager.clean_stale()
+        if resume_from is not None:
+            _resume(run, Path(resume_from))
+            _replan_schedule(run, planned_steps(run.state, len(train_loader),
+                                                accelerator.gradient_accumulation_steps, epochs))
+        elif run.output_dir is not None and accelerator.is_main_process and (run.output_dir / "metrics.jsonl").exists():
+            _rewrite_metrics(run.output_dir, [])  # rows of an attempt that never reached a checkpoint
+        finished = finished_reason(run.state, epochs, early_stopping_patience, best_metric)
+        if finished:
+            _finish_finished(run, finished, epochs, early_stopping_patience)
+            exit_code = 0
+            return run.state.history
+        run.state.finished = ""  # a relaunch that trains further: the run is no longer finished
+        while run.state.epoch < epochs:
+            epoch = run.state.epoch
+            if not _train_epoch(run, train_loader, epoch, epochs, watch):
+                _save(run, reason="preempted")
+                exit_code = EXIT_PREEMPTED
+                raise Preempted(run.last_checkpoint)
+            with run.watchdog.slow():
+                row = _validate_and_record(run, val_loader, epoch, best_metric)
+            _check_finite(run, {"training": row["train_loss"], "validation": row["val_loss"]})  # row written
+            stop_early = _update_best_and_patience(run, row, best_metric, best_mode, min_delta,
+                                                   early_stopping_patience)
+            if run.plateau is not None:
+                run.plateau.step(row[best_metric])
+            run.state.epoch, run.state.batches_done, run.state.samples_done = epoch + 1, 0, 0
+            run.state.train_stats, run.state.epoch_seconds, run.state.train_seconds = None, 0.0, 0.0
+            if stop_early or run.state.epoch >= epochs:
+                run.state.finished = "early-stopped" if stop_early else "completed"  # recorded, see finished_reason
+            _save(run, reason="epoch", best=row["epoch"] == run.state.best_epoch)
+            if stop_early:
+                accelerator.print(f"early stopping: {best_metric} has not improved for "
+                                  f"{run.state.bad_epochs} epochs")
+                break
+            if watch.should_stop() and run.state.epoch < epochs:
+                exit_code = EXIT_PREEMPTED
+                raise Preempted(run.last_checkpoint)
+        with run.watchdog.slow():
+            _write_final(run)
+        exit_code = 0
+        return run.state.history
+    except Diverged as err:
+        exit_code = EXIT_DIVERGED
+        if accelerator.is_main_process:
+            print(f"diverged: {err}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        run.watchdog.close()
+        watch.close()
+        if own_lease:
+            lease.release()
+        tracker.finish(run.state.history, exit_code)
+        if exit_code in (EXIT_PREEMPTED, EXIT_DIVERGED) and dist.is_available() and dist.is_initialized():
+            # The process is about to exit: leave together and tear the group down, so that no rank drops
+            # a connection a peer still uses and torchrun's exit barrier is clean.
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _prepare(acc: Accelerator, model: Any, optimizer: Any, train_loader: Any, val_loader: Any) -> tuple:
+    """Accelerate prepares the model, the optimizer and any plain loader. A loader built on an
+    ElasticBatchSampler (launcher.data.make_loader) is already sharded by its sampler and stays as it is:
+    Accelerate's re-sharding would pad its last batch with repeated samples and count its position per rank."""
+    loaders = [train_loader, val_loader]
+    plain = [i for i, loader in enumerate(loaders) if find_elastic_sampler(loader) is None]
+    for loader in loaders:
+        sampler = find_elastic_sampler(loader)
+        if sampler is not None and sampler.world_size != acc.num_processes:
+            raise ValueError(f"a loader's ElasticBatchSampler was built for {sampler.world_size} processes but this "
+                             f"run has {acc.num_processes}; build loaders after the Accelerator (make_loader reads "
+                             f"the process group)")
+    model, optimizer, *prepared = acc.prepare(model, optimizer, *(loaders[i] for i in plain))
+    for i, loader in zip(plain, prepared):
+        loaders[i] = loader
+    return model, optimizer, loaders[0], loaders[1]
+
+
+def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
+    """Train one epoch (or its rest after a resume). Returns False when the ranks agreed to stop."""
+    acc, model, optimizer, state = run.accelerator, run.model, run.optimizer, run.state
+    stats = ConfusionStats(run.num_classes, acc.device)
+    if run.resumed_stats is not None:
+        stats.load_state_dict(run.resumed_stats)
+        run.resumed_stats = None
+    accumulate, backward, step = _step_functions(acc, optimizer)
+    feed = None
+    if run.train_sampler is not None:
+        # The sampler continues at the global position: no batches to skip, nothing for Accelerate to shard.
+        run.train_sampler.set_epoch(epoch, start=state.samples_done)
+        feed = _ElasticFeed(acc, run.train_sampler, backward)
+        loader, total_batches, done_before = iterate(train_loader), feed.epoch_batches, feed.epoch_batches - len(feed)
+        accumulate, backward = feed.accumulate, feed.backward
+    else:
+        train_loader.set_epoch(epoch)  # epoch e shuffles with (seed, e): the same order after a resume
+        # A stateful loader resumes itself (its state came from the checkpoint); others skip consumed batches.
+        skip = state.batches_done and run.stateful_loader is None
+        loader = acc.skip_first_batches(train_loader, state.batches_done) if skip else train_loader
+        total_batches, done_before = len(train_loader), state.batches_done
+        remainder = last_batch_remainder(train_loader)
+    bar = tqdm(total=total_batches, initial=done_before, desc=f"epoch {epoch + 1}/{epochs}",
+               disable=not (run.progress and acc.is_local_main_process), leave=False, dynamic_ncols=True)
+    clock = _EpochClock(state)
+    run.log_mark = (time.perf_counter(), 0, 0.0, 0.0)
+    model.train()
+    run.watchdog.training()
+    for batch in loader:
+        if run.rng_to_restore is not None:
+            # Resumed mid-epoch: creating the iterator drew from the global RNG; now continue the saved
+            # stream exactly where the interrupted run was.
+            restore_rng(run.rng_to_restore)
+            run.rng_to_restore = None
+        if feed is not None:
+            batch = feed.next(batch)
+        inputs, targets = run.unpack(batch)
+        with accumulate(model):
+            outputs = forward(model, inputs)
+            losses = run.per_sample(outputs, targets)
+            backward(losses)
+            if acc.sync_gradients and run.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+            step()
+        if feed is None:
+            valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, _batch_len(targets),
+                                   acc.process_index)
+        else:
+            valid = None  # an elastic loader never repeats a sample
+        stats.update(losses.float(), outputs, targets, valid)
+        clock.samples += _batch_len(targets) if valid is None else valid
+        state.batches_done += 1
+        bar.update(1)
+        if not acc.sync_gradients:
+            continue
+        # An optimizer step boundary: the only place where state is consistent enough to save.
+        if run.step_sched is not None and not acc.optimizer_step_was_skipped:
+            run.step_sched.step()
+        state.global_step += 1
+        if feed is not None:
+            state.samples_done, last = feed.position, feed.is_last
+        else:
+            state.samples_done = _plain_samples_done(train_loader, state.batches_done)
+            last = state.batches_done == total_batches
+        if state.global_step % run.log_every == 0:
+            _check_finite_local(run, stats)
+            progress = state.samples_done / feed.sampler.num_samples if feed else state.batches_done / total_batches
+            _log_train(run, stats, clock, epoch + progress, bar)
+        if last:
+            continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
+        if watch.should_stop():
+            clock.snapshot(stats)
+            bar.close()
+            return False
+        if should_save_step(state.global_step, run.save_every_steps):
+            _check_finite_local(run, stats)  # a checkpoint of diverged weights would be resumed
+            clock.snapshot(stats)
+            _save(run, reason="step")
+    bar.close()
+    run.train_metrics = stats.reduce()
+    clock.snapshot(None)
+    return True
+
+
+def should_save_step(global_step: int, save_every_steps: int | None) -> bool:
+    """Mid-epoch saves; epoch ends and preemption always save (see fit)."""
+    return bool(save_every_steps) and global_step % save_every_steps == 0
+
+
+class _EpochClock:
+    """Time and samples of the epoch in progress, including what a resumed checkpoint had already spent."""
+
+    def __init__(self, state: TrainerState):
+        self.state = state
+        self.started = time.perf_counter()
+        self.base_epoch, self.base_train = state.epoch_seconds, state.train_seconds
+        self.samples = 0
+
+    def snapshot(self, stats: ConfusionStats | None) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.state.epoch_seconds = self.base_epoch + elapsed
+        self.state.train_seconds = self.base_train + elapsed
+        self.state.train_stats = stats.state_dict() if stats is not None else None
+
+
+def _log_train(run: FitRun, stats: ConfusionStats, clock: _EpochClock, epoch_progress: float, bar: Any) -> None:
+    """One host read per log interval: this process's mean training loss since the last log."""
+    acc, c = run.accelerator, run.num_classes
+    loss_sum, seen = torch.stack([stats.buffer[-1], stats.buffer[: c * c].sum()]).tolist()
+    mark_time, mark_samples, mark_loss, mark_seen = run.log_mark
+    now = time.perf_counter()
+    loss = (loss_sum - mark_loss) / max(seen - mark_seen, 1.0)
+    lr = run.optimizer.param_groups[0]["lr"]
+    rate = (clock.samples - mark_samples) * acc.num_processes / max(now - mark_time, 1e-9)
+    run.tracker.log_train(run.state.global_step, {"loss": loss, "lr": lr, "samples_per_second": rate,
+                                                  "epoch": epoch_progress})
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    run.log_mark = (now, clock.samples, loss_sum, seen)
+
+
+def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: str) -> dict:
+    acc, state = run.accelerator, run.state
+    started = time.perf_counter()
+    val = evaluate(run.model, val_loader, run.per_sample, num_classes=run.num_classes, accelerator=acc,
+                   unpack_batch=run.unpack)
+    row = {
+        "epoch": epoch + 1,
+        "step": state.global_step,
+        "train_loss": run.train_metrics.loss,
+        "train_accuracy": run.train_metrics.accuracy,
+        "train_samples": run.train_metrics.samples,  # each training sample counted once, at any world size
+        **val.as_row("val"),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "epoch_seconds": state.epoch_seconds + time.perf_counter() - started,  # train + validation
+        # Exact global count of trained samples over this process's training time (ranks run in step).
+        "samples_per_second": run.train_metrics.samples / state.train_seconds if state.train_seconds else 0.0,
+        "world_size": acc.num_processes,
+    }
+    state.history.append(row)
+    if acc.is_main_process:
+        if run.output_dir is not None and run.write_failure is None:
+            try:
+                _check_lease(run)
+                append_line_durable(run.output_dir / "metrics.jsonl", _json_line(row))
+            except LeaseLost as err:
+                run.write_failure = err
+            except OSError as err:
+                run.write_failure = write_failed(err, run.output_dir, "metrics.jsonl")
+        summary = (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
+                   f"train_acc {row['train_accuracy']:.4f} | val_loss {row['val_loss']:.4f} "
+                   f"val_acc {row['val_accuracy']:.4f} val_f1 {row['val_f1']:.4f} | lr {row['lr']:.2e} "
+                   f"| {row['epoch_seconds']:.1f}s, {row['samples_per_second']:.0f} samples/s")
+        tqdm.write(summary)
+    run.tracker.log_epoch(row)
+    return row
+
+
+def _update_best_and_patience(run: FitRun, row: dict, best_metric: str, mode: str, min_delta: float,
+                              patience: int | None) -> bool:
+    state = run.state
+    if _better(row[best_metric], state.best_value, mode, min_delta):
+        state.best_value, state.best_epoch, state.bad_epochs = row[best_metric], row["epoch"], 0
+    else:
+        state.bad_epochs += 1
+    return patience is not None and state.bad_epochs >= patience
