@@ -21,7 +21,7 @@ from launcher.loop.batches import UnpackBatch
 
 @dataclass
 class FitRun:
-    """Everything one `fit` call works with, so the loop (launcher.loop.training) reads as steps rather than bookkeeping.
+    """Everything one `fit` call works with, so the loop (loop.training) reads as steps, not bookkeeping.
 
     The first block is fixed once Accelerate has prepared the objects; `state` is what a checkpoint saves;
     the last block is transient per-launch bookkeeping that no checkpoint holds.
