@@ -148,7 +148,10 @@ def fit(
     if best_metric not in VAL_METRIC_NAMES:
         raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
     tracker = tracker if tracker is not None else NullTracker()
-    configure_ddp(accelerator, model, train_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
+    # The unused-parameter probe takes one batch; a loader that counts what it hands out (a stream) would
+    # count it as trained, so such a run probes on a validation batch (same inputs, no augmentation).
+    probe_loader = val_loader if getattr(train_loader, "resumes_itself", False) else train_loader
+    configure_ddp(accelerator, model, probe_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
     if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.fsdp)
         model = shard_model(accelerator, model, optimizer)
     model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
