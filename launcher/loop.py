@@ -65,7 +65,7 @@ from launcher.lease import claim_for_ranks
 from launcher.metrics import VAL_METRIC_NAMES, ClassificationMetrics, ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.schedulers import replan
-from launcher.sampling import ElasticBatchSampler, find_elastic_sampler, iterate, share
+from launcher.data.sampling import ElasticBatchSampler, find_elastic_sampler, iterate, share
 from launcher.sharded import (
     check_resume_format,
     full_model_state,
