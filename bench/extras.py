@@ -132,7 +132,7 @@ def _loader_cases(w, seed: int) -> dict:
     from torch.utils.data import DataLoader
 
     from launcher.data import batched_collate, make_loader
-    from launcher.sampling import iterate
+    from launcher.data.sampling import iterate
 
     reset_accelerate_state()
     acc = make_accelerator(seed=seed)

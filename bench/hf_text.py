@@ -41,7 +41,7 @@ def build(folder: Path, sentences: int, batch_size: int):
     from transformers import AutoTokenizer
 
     from launcher.data import load_splits, make_loader
-    from launcher.text import TextOptions
+    from launcher.data.text import TextOptions
     from tests import hf_fixtures
 
     hf_fixtures.tiny_bert(folder / "bert")

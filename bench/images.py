@@ -5,7 +5,7 @@
 Writes one JSON file and prints Markdown tables (bench/RESULTS.md, "Image data at scale"). Sections:
 - startup: `accelerate launch bench/first_step.py` (the recipe unchanged, 1 process) on folders of 8x8 PNGs
   in class subfolders, to the first optimizer step; the old path (datasets' imagefolder builder) for scale;
-- listing: launcher.images.list_image_folder on a folder of 1M (empty) files, and load_splits on a 1M-row
+- listing: launcher.data.images.list_image_folder on a folder of 1M (empty) files, and load_splits on a 1M-row
   save_to_disk dataset of PNG bytes;
 - throughput: images per second in one process (= one DataLoader worker) decoded, resized and standardized
   by LazyImageDataset, with and without --augment standard, against a bare PIL decode loop; the loader
@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher import images  # noqa: E402
+from launcher.data import images  # noqa: E402
 from launcher.data import load_splits, make_loader  # noqa: E402
 
 

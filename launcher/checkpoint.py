@@ -87,7 +87,7 @@ class TrainerState:
     epoch: int = 0  # index of the epoch in progress (the next one once `batches_done` is 0)
     batches_done: int = 0  # micro-batches of `epoch` already trained (per process)
     # Samples of `epoch` consumed by all ranks together at the last optimizer step: the position a resume
-    # continues from, at any world size (launcher.sampling). 0 in checkpoints from before it existed.
+    # continues from, at any world size (launcher.data.sampling). 0 in checkpoints from before it existed.
     samples_done: int = 0
     global_step: int = 0  # optimizer steps taken
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch

@@ -3,7 +3,7 @@
 - `load_model` picks AutoModelForImageClassification or AutoModelForSequenceClassification from the data,
   with the dataset's class names as `id2label`/`label2id`. A checkpoint whose head has another number of
   classes gets a new head (`ignore_mismatched_sizes`), said in one line.
-- `load_tokenizer` is the model's own tokenizer, for text datasets (launcher.text tokenizes with it).
+- `load_tokenizer` is the model's own tokenizer, for text datasets (launcher.data.text tokenizes with it).
 - `with_image_processor` makes image batches the way the model's image processor would: its size, its
   rescaling and its mean/std instead of the dataset's own standardization.
 - `exporter` writes final/hf/ with `save_pretrained` (weights, config with the label names, tokenizer or

@@ -41,10 +41,10 @@ from launcher.relaunch import (
     set_aside_newer,
     stored_config,
 )
-from launcher.streaming import load_stream_splits
+from launcher.data.streaming import load_stream_splits
 from launcher.schedulers import from_name
 from launcher.sharded import check_resume_format, is_sharded_checkpoint, load_weights
-from launcher.text import TextOptions
+from launcher.data.text import TextOptions
 from launcher.tracking import run_metadata, start_tracker
 from launcher.write_failures import main_writes
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -10,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import ROOT
 from launcher import data
-from launcher.data import load_splits, make_loader
+from launcher.data import arrays, load_splits, make_loader
 from launcher.errors import UsageError
 
 
@@ -365,7 +370,7 @@ def assert_batches_match_samples(ds):
 def test_getitems_matches_single_samples_in_memory_and_from_arrow(tmp_path, monkeypatch):
     path = multi_chunk_dataset(tmp_path)
     in_memory = load_splits(path)
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(arrays, "IN_MEMORY_MAX_BYTES", 0)
     streamed = load_splits(path)
     assert isinstance(in_memory.train, data.TensorBatchedDataset)
     assert isinstance(streamed.train, data.ArrowBatchedDataset)
@@ -391,7 +396,7 @@ def test_make_loader_yields_each_sample_once_in_batches():
 
 
 def test_make_loader_with_worker_processes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)  # workers must rebuild the Arrow views themselves
+    monkeypatch.setattr(arrays, "IN_MEMORY_MAX_BYTES", 0)  # workers must rebuild the Arrow views themselves
     splits = load_splits(multi_chunk_dataset(tmp_path))
     loader = make_loader(splits.val, 8, shuffle=False, num_workers=2)
     x = torch.cat([batch[0] for batch in loader])
@@ -414,3 +419,11 @@ def test_loader_survives_accelerate_prepare(accelerator):
     assert all(isinstance(x, torch.Tensor) and x.shape[1:] == (1, 8, 8) for x, _ in batches)
     labels = torch.cat([y for _, y in batches])
     assert labels.sort().values.tolist() == splits.val.labels.sort().values.tolist()
+
+
+def test_package_names_resolve_and_loop_does_not_import_datasets():
+    # launcher.data re-exports its modules' names lazily; every one must resolve to the module defining it.
+    for name, module in data._EXPORTS.items():
+        assert getattr(data, name) is getattr(importlib.import_module(f"launcher.data.{module}"), name)
+    code = "import sys, launcher; assert 'datasets' not in sys.modules and 'pyarrow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

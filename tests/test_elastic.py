@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from launcher.checkpoint import read_trainer_state
-from launcher.sampling import RECORD_ENV
+from launcher.data.sampling import RECORD_ENV
 from tests.helpers import ROOT, comparable, make_env, read_metrics, run
 
 pytestmark = pytest.mark.slow

@@ -115,7 +115,7 @@ def test_final_hf_loads_with_from_pretrained_and_predicts_the_same(trained, asse
     from launcher import hf
     from launcher.data import load_splits
     from launcher.loop import default_unpack, forward
-    from launcher.text import TextOptions
+    from launcher.data.text import TextOptions
 
     exported = trained[2] / "final" / "hf"
     text = trained["kind"] == "text"

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from launcher import images
+from launcher.data import images
 from launcher.data import load_splits, make_loader
 from launcher.errors import UsageError
 from tests.helpers import read_metrics, run
 
 
 class EpochIndices(list):
-    """What launcher.sampling's batch sampler yields: a batch of indices that knows its epoch."""
+    """What launcher.data.sampling's batch sampler yields: a batch of indices that knows its epoch."""
 
     epoch = 0
 

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from launcher.sampling import ElasticBatchSampler, EpochIndices, epoch_order, share
+from launcher.data.sampling import ElasticBatchSampler, EpochIndices, epoch_order, share
 
 
 def batches(n, batch_size, world, *, epoch=0, start=0, seed=0, shuffle=True, drop_last=False):
@@ -117,7 +117,7 @@ class EpochEcho(torch.utils.data.Dataset):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_make_loader_shards_by_rank_and_hands_the_epoch_to_workers(workers):
     from launcher.data import make_loader
-    from launcher.sampling import iterate
+    from launcher.data.sampling import iterate
 
     loader = make_loader(EpochEcho(), 4, shuffle=True, num_workers=workers, seed=2, rank=1, world_size=2)
     loader.batch_sampler.set_epoch(3)

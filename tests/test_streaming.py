@@ -12,7 +12,7 @@ import torch
 from launcher.checkpoint import list_checkpoints, read_trainer_state
 from launcher.data import make_loader
 from launcher.errors import UsageError
-from launcher.streaming import load_stream_splits
+from launcher.data.streaming import load_stream_splits
 from tests.helpers import make_env, read_metrics, run, signal_tree, start, wait_for
 
 ROWS, SHARDS = 512, 8

@@ -21,7 +21,7 @@ def tokenizer(tmp_path_factory):
 
 
 def text_options(tokenizer, **kw):
-    from launcher.text import TextOptions
+    from launcher.data.text import TextOptions
 
     return TextOptions(lambda: tokenizer, **kw)
 

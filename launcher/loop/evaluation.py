@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
 from launcher.metrics import ClassificationMetrics, ConfusionStats
-from launcher.sampling import find_elastic_sampler, iterate
+from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
     _batch_len,

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from launcher.checkpoint import CheckpointManager, TrainerState
 from launcher.errors import RunStopped
 from launcher.metrics import ClassificationMetrics
-from launcher.sampling import ElasticBatchSampler
+from launcher.data.sampling import ElasticBatchSampler
 from launcher.tracking import Tracker
 from launcher.watchdog import NO_WATCHDOG, NoWatchdog
 from launcher.loop.batches import UnpackBatch
@@ -45,7 +45,7 @@ class FitRun:
     export_final: Callable[[torch.nn.Module, dict, Path], None] | None  # writes more into final/ (rank 0)
     # What a checkpoint saves and a resume restores.
     state: TrainerState
-    # The training loader's ElasticBatchSampler (launcher.sampling), None for a loader Accelerate prepared:
+    # The training loader's ElasticBatchSampler (launcher.data.sampling), None for a loader Accelerate prepared:
     # then the position is samples consumed globally and resume is exact at any world size.
     train_sampler: ElasticBatchSampler | None = None
     # Per-launch bookkeeping.
@@ -59,6 +59,6 @@ class FitRun:
     write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
     watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.watchdog)
     # A training loader that keeps its own position (`resumes_itself = True`, state_dict/load_state_dict, e.g.
-    # launcher.streaming's): every rank's state is saved in the checkpoint's extra["loader_states"] and
+    # launcher.data.streaming's): every rank's state is saved in the checkpoint's extra["loader_states"] and
     # restored on resume at the same world size.
     stateful_loader: Any = None

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, send_to_device
 
-from launcher.sampling import ElasticBatchSampler, share
+from launcher.data.sampling import ElasticBatchSampler, share
 from launcher.loop.batches import Batch
 
 

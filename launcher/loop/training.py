@@ -21,7 +21,7 @@ from launcher.fsdp import launcher_shards, shard_model
 from launcher.lease import claim_for_ranks
 from launcher.metrics import VAL_METRIC_NAMES, ConfusionStats
 from launcher.preemption import PreemptionWatch
-from launcher.sampling import find_elastic_sampler, iterate
+from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.tracking import NullTracker, Tracker
 from launcher.timeouts import Timeouts
 from launcher.watchdog import start_watchdog
@@ -104,7 +104,7 @@ def fit(
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
     model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate, except loaders
-        built on launcher.sampling.ElasticBatchSampler (make_loader), which continue exactly at any world
+        built on launcher.data.sampling.ElasticBatchSampler (make_loader), which continue exactly at any world
         size (docs/data.md).
     loss_fn: e.g. `nn.CrossEntropyLoss()`; fit uses per-sample losses (reduction='none') for exact metrics.
     num_classes: size of the confusion matrix.

@@ -239,7 +239,7 @@ class LazyImageDataset(torch.utils.data.Dataset):
         return inputs[0], labels[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch = getattr(indices, "epoch", 0)  # launcher.sampling.EpochIndices carries the epoch
+        epoch = getattr(indices, "epoch", 0)  # launcher.data.sampling.EpochIndices carries the epoch
         idx = np.asarray(indices, dtype=np.int64)
         channels = 1 if self.mode == "L" else 3
         width, height = self.size

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from datasets.distributed import split_dataset_by_node
 
-from launcher import images
+from launcher.data import images
 from launcher.errors import UsageError
 
 SHUFFLE_BUFFER = 10_000
@@ -44,7 +44,7 @@ class RowConverter:
     """Rows (dicts) of one schema -> standardized float32 inputs and int64 labels, in the worker."""
 
     def __init__(self, features: datasets.Features, label: str, image_column: str | None) -> None:
-        from launcher.data import _array_depth, _detect_image_column, _find_label_column
+        from launcher.data.sources import _array_depth, _detect_image_column, _find_label_column
 
         self.label = _find_label_column(features, label, image_column)
         if not (isinstance(features[self.label], datasets.ClassLabel) or _array_depth(features[self.label]) == 0):
@@ -230,7 +230,7 @@ class StreamValDataset(torch.utils.data.Dataset):
 def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = None,
                        image_column: str | None = None, buffer: int = SHUFFLE_BUFFER) -> Any:
     """DataSplits whose `train` is a StreamingTrain (make_loader turns it into a StreamingLoader)."""
-    from launcher.data import DataSplits
+    from launcher.data.pipeline import DataSplits
 
     path = Path(dataset).expanduser()
     if path.is_dir():

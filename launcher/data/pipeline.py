@@ -1,0 +1,141 @@
+"""`load_splits`: the one pipeline every (non-streaming) source goes through, and `DataSplits`, what it returns.
+
+The steps are listed in the package docstring (launcher.data); each step's code lives in its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+from torch.utils.data import Dataset
+
+from launcher.data.arrays import _ColumnStore, _input_spec, _standardized
+from launcher.data.images import AugmentedDataset, Augmenter, check_augment, lazy_image_splits
+from launcher.data.sources import (
+    _array_depth,
+    _detect_image_column,
+    _encode_labels,
+    _find_label_column,
+    _load_train_val,
+    _quiet,
+    _require_same_columns,
+    _stratified_split,
+)
+from launcher.data.text import TextOptions, find_text_columns, text_needs_model, tokenized_splits
+from launcher.errors import UsageError
+
+
+@dataclass
+class DataSplits:
+    """Standardized train/val datasets (feed them to make_loader) and what a model needs to know."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]  # per sample: (C, H, W) for images, (F,) for tabular, () for text
+    class_names: list[str]
+    name: str
+    # What the recipe may want to log or save: where validation came from and the standardization used.
+    val_source: str = ""
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    kind: str = ""  # "image", "tabular" or "text"
+    preprocessor: Any = None  # the tokenizer or image processor that made the inputs (an HF model keeps it)
+
+
+
+def load_splits(
+    dataset: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    augment: str = "none",
+    image_size: int | None = None,
+    image_mean: Sequence[str] | None = None,
+    image_std: Sequence[str] | None = None,
+    dataset_config: str | None = None,
+    text_columns: list[str] | None = None,
+    text: TextOptions | None = None,
+) -> DataSplits:
+    """Load `dataset` ('digits', a local path, or a Hub name) as standardized train/val splits.
+
+    Image columns stay undecoded until a batch asks for them (launcher.data.images); `augment` applies to the
+    training split of image inputs only.
+
+
+    dataset_config: the configuration of a Hub dataset that has several (load_dataset's `name`).
+    Text inputs (--text-columns, or string columns when no image column is found) are tokenized with
+    `text`'s tokenizer (launcher.data.text); without `text` they are refused.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    check_augment(augment)
+    with _quiet():
+        train, val, split_names = _load_train_val(dataset, dataset_config)
+        columns = list(train.features)
+        label_col = _find_label_column(train.features, label_column, image_column)
+        text_cols = []
+        if text_columns or (image_column is None and _detect_image_column(train.features, label_col) is None):
+            text_cols = find_text_columns(train.features, label_col, text_columns)
+        if text_cols and text is None:
+            if all(_array_depth(train.features[c]) is None for c in columns if c not in (label_col, *text_cols)):
+                raise UsageError(text_needs_model(text_cols))
+            text_cols = []  # numeric columns too: perhaps meant as tabular, and the tabular error says both
+        if val is not None:
+            _require_same_columns(val, columns, split_names)
+
+        class_names, train_labels, val_labels = _encode_labels(train, val, label_col, split_names)
+        if val is None:
+            # Carved validation rows stay in the same table as the training rows; only row numbers differ.
+            train_rows, val_rows = _stratified_split(train_labels, val_fraction, seed)
+            train_labels, val_labels = train_labels[train_rows], train_labels[val_rows]
+            val_source = f"{val_fraction:g} of split '{split_names[0]}' (stratified, seed {seed})"
+        else:
+            train_rows, val_rows = np.arange(len(train)), np.arange(len(val))
+            val_source = f"split '{split_names[1]}'"
+            for split, size in zip(split_names, (len(train), len(val))):
+                if size == 0:
+                    raise UsageError(f"split '{split}' of {dataset!r} is empty")
+        if text_cols:
+            train_ds, val_ds = tokenized_splits(text, text_cols, (train, train_rows, train_labels),
+                                                (train if val is None else val, val_rows, val_labels))
+            return DataSplits(train=train_ds, val=val_ds, num_classes=len(class_names), input_shape=(),
+                              class_names=class_names, name=dataset, val_source=val_source, kind="text",
+                              preprocessor=text.tokenizer)
+
+        column = image_column or _detect_image_column(train.features, label_col)
+        if column is not None and isinstance(train.features[column], datasets.Image):
+            train_ds, val_ds, shape, mean, std = lazy_image_splits(
+                train, train if val is None else val, column, (train_rows, train_labels), (val_rows, val_labels),
+                seed=seed, augment=augment, image_size=image_size, image_mean=image_mean, image_std=image_std)
+            kind = "image"
+        else:
+            spec, train_table, val_table = _input_spec(train, val, label_col, image_column)
+            train_store = _ColumnStore(train_table, spec)
+            val_store = train_store if val_table is None else _ColumnStore(val_table, spec)
+            train_ds, val_ds, mean, std = _standardized(
+                spec, (train_store, train_rows, train_labels), (val_store, val_rows, val_labels)
+            )
+            shape, kind = spec.shape, spec.kind
+            if augment != "none":
+                if spec.kind != "image":
+                    raise UsageError(f"--augment {augment} needs image inputs; this dataset's inputs are tabular")
+                train_ds = AugmentedDataset(train_ds, Augmenter(augment, shape[1], shape[2]), seed)
+    return DataSplits(
+        train=train_ds,
+        val=val_ds,
+        num_classes=len(class_names),
+        input_shape=shape,
+        class_names=class_names,
+        name=dataset,
+        val_source=val_source,
+        mean=mean.flatten().tolist(),
+        std=std.flatten().tolist(),
+        kind=kind,
+    )
