@@ -138,15 +138,25 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: one rank dies with its shards written
         if manager.is_main:
             _write_small_files(tmp, state, train_stats, rng_states, scheduler, scaler)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP's error derives from BaseException
+        failure = write_failed(err, manager.root, f"checkpoint {name}")
+    agree(_discarded(failure, tmp, manager.is_main))  # every rank's shards are on disk before any commit
+    if manager.is_main:
+        try:
             _commit(tmp, final, state)
             if best:
                 manager.mark_best(final.name)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP's error derives from BaseException
-        failure = write_failed(err, manager.root, f"checkpoint {name}")
-        if manager.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-    agree(failure)  # nobody goes on (or exits) before the checkpoint is complete on disk, or all stop
+        except OSError as err:
+            failure = write_failed(err, manager.root, f"checkpoint {name}")
+    agree(_discarded(failure, tmp, manager.is_main))  # nobody goes on before the checkpoint is committed
     return final
+
+
+def _discarded(failure: RunStopped | None, tmp: Path, is_main: bool) -> RunStopped | None:
+    """After a failed write rank 0 removes the temporary folder: nothing left that could pass for a checkpoint."""
+    if failure is not None and is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return failure
 
 
 def _write_small_files(tmp: Path, state: TrainerState, train_stats: list, rng_states: list, scheduler: Any,

@@ -63,7 +63,10 @@ def configure_ddp(accelerator: Accelerator, model: torch.nn.Module, loader: Any,
 def first_batch(loader: Any) -> Any:
     """The loader's first batch in dataset order, built without an iterator: no worker processes start and
     no shuffle order is drawn from the RNG."""
-    dataset, batch_size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+    dataset = getattr(loader, "dataset", None)
+    # A DataLoader built on a batch sampler (launcher.data.sampling) has batch_size None; its sampler has one.
+    batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                "batch_size", None)
     if dataset is None or not batch_size or not hasattr(dataset, "__len__"):
         return next(iter(loader))
     indices = list(range(min(batch_size, len(dataset))))

@@ -186,7 +186,7 @@ def train(argv: list[str] | None = None) -> None:
     given = parse_values(argv, description=__doc__)
     config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
     # The process group first (bounded by --init-timeout), so that rank 0 can decide for all.
-    state = start_process_group(init_timeout=config.init_timeout)
+    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
     output_dir = setup_output_dir(config)
     # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
     lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,

@@ -51,10 +51,11 @@ def _timeouts(base: Timeouts, collective: float | None, init: float | None) -> T
     return Timeouts(base.collective if collective is None else collective, base.init if init is None else init)
 
 
-def start_process_group(*, init_timeout: float | None = None) -> PartialState:
+def start_process_group(*, collective_timeout: float | None = None, init_timeout: float | None = None
+                        ) -> PartialState:
     """Join the process group the way make_accelerator would, for work that must happen before the
     Accelerator is built (rank 0 choosing the checkpoint whose config decides grad_accum, say)."""
-    timeouts = _timeouts(Timeouts(), None, init_timeout)
+    timeouts = _timeouts(Timeouts(), collective_timeout, init_timeout)
     cpu = use_cpu()
     _prepare_process_group(cpu, timeouts)
     return PartialState(cpu=cpu, timeout=timedelta(seconds=timeouts.init))
