@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from launcher.checkpoint import FAULT_ENV, list_checkpoints
+from launcher.checkpoint import FAULT_ENV, list_checkpoints, read_trainer_state
+from launcher.data.sampling import RECORD_ENV, epoch_order
 from tests.helpers import (
     RECIPE,
     ROOT,
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.slow
 # epoch ends. Dropout makes the RNG streams matter.
 ARGS = ["--epochs", "2", "--batch-size", "16", "--save-every-steps", "7", "--keep-last", "3", "--lr", "3e-3"]
 FSDP_LABEL = "FSDP2 (launcher, CPU/gloo)"
+N_TRAIN = 1438  # digits' training split (--val-fraction 0.2)
 # FSDP reduce-scatters where DDP all-reduces: the sums happen in another order, so losses agree to rounding.
 LOSS_TOLERANCE = 1e-5
 
@@ -123,10 +125,8 @@ def copy_checkpoint(src_run, name, dest_run):
 
 def assert_continues_from_checkpoint(resumed_rows, clean_rows):
     """Completed, the checkpoint's epochs kept as they were, and training went on from the saved model: the
-    resumed epoch's loss is near the uninterrupted run's and far below where a run from scratch starts.
-
-    Until the global sample position (issue 11) is merged, another world size restarts the interrupted epoch
-    (from the saved weights), so the resumed epoch is close to, not equal to, the uninterrupted one.
+    resumed epoch's loss is near the uninterrupted run's and far below where a run from scratch starts (the
+    global batch differs on another world size, so the rest of the epoch is close to, not equal to, it).
     """
     assert [r["epoch"] for r in resumed_rows] == [r["epoch"] for r in clean_rows]
     assert comparable(resumed_rows[:1]) == comparable(clean_rows[:1])
@@ -134,12 +134,27 @@ def assert_continues_from_checkpoint(resumed_rows, clean_rows):
     assert abs(resumed_rows[-1]["train_loss"] - last) < 0.25 * (first - last), (resumed_rows, clean_rows)
 
 
+def assert_interrupted_epoch_seen_once(checkpoint, records):
+    """The samples the checkpoint's run consumed before it (the first samples_done of the epoch's order, a
+    function of (seed, epoch) alone) and those the resumed run trained in that epoch: the training set, once."""
+    saved = read_trainer_state(checkpoint)
+    epoch, done = saved["epoch"], saved["samples_done"]
+    assert 0 < done < N_TRAIN
+    before = epoch_order(N_TRAIN, 0, epoch)[:done].tolist()  # --seed 0
+    after = [i for path in records.parent.glob(records.name + ".rank*") for line in path.read_text().splitlines()
+             for rec in [json.loads(line)] if rec["epoch"] == epoch and rec["shuffle"] and rec["num_samples"] == N_TRAIN
+             for i in rec["ids"]]
+    assert sorted(before + after) == list(range(N_TRAIN)), "a sample of the interrupted epoch was skipped or repeated"
+
+
 @pytest.mark.parametrize("nproc", [3, 1])
 def test_resume_on_another_world_size(clean, tmp_path, nproc):
     """A mid-epoch checkpoint written by 2 processes continues on 3 (then 3 -> 2) and on 1."""
     out = tmp_path / "run"
     copy_checkpoint(clean[0], "step-00000084", out)  # 39 of epoch 2's 45 steps done
-    result = fsdp([*ARGS, "--output-dir", str(out)], nproc)
+    records = tmp_path / "samples"
+    result = fsdp([*ARGS, "--output-dir", str(out)], nproc, env=make_env(**{RECORD_ENV: str(records)}))
+    assert_interrupted_epoch_seen_once(clean[0] / "checkpoints" / "step-00000084", records)
     assert "resumed from" in result.stdout and f"{FSDP_LABEL}, {nproc} processes" in result.stdout
     rows = read_metrics(out)
     assert_continues_from_checkpoint(rows, read_metrics(clean[0]))
