@@ -222,6 +222,8 @@ class ProcessedImages(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = self.base.__getitems__(indices)
+        if not len(labels):  # a rank's empty share of a short last training batch: the model's input shape
+            return inputs.new_zeros((0, self.channels, *self.target.size)), labels
         pixels = inputs * self.source.std_t + self.source.mean_t  # back to [0, 1]
         if pixels.shape[1] != self.channels:
             pixels = pixels.expand(-1, self.channels, -1, -1)  # grayscale to the model's channels

@@ -142,3 +142,16 @@ def test_batches_per_epoch_does_not_depend_on_the_position():
     sampler.set_epoch(0, start=60)
     assert sampler.batches_per_epoch == 3 and len(sampler) == 1
     assert ElasticBatchSampler(100, 16, world_size=3, drop_last=True).batches_per_epoch == 2
+
+
+def test_evaluation_loaders_skip_empty_shares_training_loaders_keep_them():
+    """7 samples, 2 per rank, 3 ranks: the second global batch has 1 sample. Training yields an empty batch
+    on ranks 1 and 2 (every rank takes part in each step); evaluation skips it (no per-batch collective)."""
+    from launcher.data.sampling import ElasticBatchSampler
+
+    for rank, expected in ((0, [[0, 1], [6]]), (1, [[2, 3]]), (2, [[4, 5]])):
+        train = ElasticBatchSampler(7, 2, rank=rank, world_size=3, shuffle=False)
+        evaluation = ElasticBatchSampler(7, 2, rank=rank, world_size=3, shuffle=False, skip_empty=True)
+        assert [list(b) for b in evaluation] == expected and len(evaluation) == len(expected)
+        assert len(train) == len(list(train)) == 2
+        assert sum(len(b) for b in train) == sum(len(b) for b in evaluation)

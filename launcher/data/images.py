@@ -276,6 +276,8 @@ class AugmentedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch = getattr(indices, "epoch", 0)
         inputs, labels = self.base.__getitems__(indices)
+        if not len(labels):  # a rank's empty share of a short last batch: nothing to augment
+            return inputs, labels
         images = inputs.permute(0, 2, 3, 1).numpy()
         out = np.stack([self.augment(np.ascontiguousarray(image), sample_seed(self.seed, epoch, int(i)))
                         for image, i in zip(images, indices)])

@@ -81,11 +81,13 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
 
     `set_epoch(epoch, start)` selects the epoch and the global position (samples already consumed by all
     ranks together) to continue from; `len()` is the number of batches this rank yields from there, the
-    same on every rank. `drop_last` drops a short last global batch.
+    same on every rank. `drop_last` drops a short last global batch. `skip_empty` (evaluation loaders: no
+    collective per batch there) makes a rank whose share of a short last batch is empty yield nothing for
+    it, instead of an empty batch that training needs so that every rank takes part in each step.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False) -> None:
+                 shuffle: bool = True, drop_last: bool = False, skip_empty: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
         if not 0 <= rank < world_size:
@@ -94,6 +96,7 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
+        self.skip_empty = bool(skip_empty)
         self.epoch, self.start = 0, 0
         record = os.environ.get(RECORD_ENV)
         self._record = f"{record}.rank{self.rank}" if record else None
@@ -115,6 +118,8 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         return self.start + (self.num_samples - self.start) // self.global_batch_size * self.global_batch_size
 
     def __len__(self) -> int:
+        if self.skip_empty:
+            return sum(1 for size in self.global_sizes() if share(size, self.rank, self.world_size)[1])
         return -(-(self.end - self.start) // self.global_batch_size)
 
     @property
@@ -135,6 +140,8 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         for lo in range(self.start, end, g):
             size = min(g, end - lo)
             offset, length = (full, self.batch_size) if size == g else share(size, self.rank, self.world_size)
+            if not length and self.skip_empty:
+                continue
             # One tensor slice and one tolist() per batch: no Python int passes through a sampler one by one.
             indices = order[lo + offset: lo + offset + length]
             batch = EpochIndices(indices.tolist(), epoch, indices)
