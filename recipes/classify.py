@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
-from launcher import evaluate, fit, hf, make_accelerator
+from launcher import Checkpointing, EarlyStopping, Monitor, evaluate, fit, hf, make_accelerator
 from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
 from launcher.config import TrainConfig, parse_values
 from launcher.data import DataSplits, load_splits, make_loader
@@ -237,15 +237,16 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
                 lambda: write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info}))
     accelerator.print(f"distributed: {info['distributed_type']}, {info['world_size']} processes on "
                       f"{info['device']}, mixed precision {info['mixed_precision']}")
+    checkpointing = Checkpointing(
+        output_dir, save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
+        config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
+        lease=lease, export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
+    patience = config.early_stopping_patience
     fit(model, optimizer, train_loader, val_loader, torch.nn.CrossEntropyLoss(), epochs=config.epochs,
         num_classes=num_classes, accelerator=accelerator, scheduler=scheduler,
-        max_grad_norm=config.max_grad_norm or None, best_metric=config.best_metric, best_mode=config.best_mode,
-        early_stopping_patience=config.early_stopping_patience, output_dir=output_dir,
-        save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
-        config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
-        log_every=config.log_every, tracker=tracker, lease=lease,
-        find_unused_parameters=config.find_unused_parameters,
-        export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
+        max_grad_norm=config.max_grad_norm or None, monitor=Monitor(config.best_metric, config.best_mode),
+        early_stopping=EarlyStopping(patience) if patience is not None else None, checkpointing=checkpointing,
+        log_every=config.log_every, tracker=tracker, find_unused_parameters=config.find_unused_parameters)
     accelerator.print(f"done: {output_dir}/final/model.safetensors"
                       + (f" and {output_dir}/final/hf (from_pretrained)" if hf.is_hf(config.model) else ""))
 

@@ -7,7 +7,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
-from launcher import fit
+from launcher import Checkpointing, fit
 from launcher.checkpoint import TRAINER_STATE, list_checkpoints
 from launcher.data import TensorBatchedDataset, make_loader
 
@@ -33,7 +33,8 @@ def train(out, *, epochs=2, resume=None, batch_size=8):
     loader = make_loader(TensorBatchedDataset(x, y), batch_size, shuffle=True, seed=4)
     val = make_loader(TensorBatchedDataset(x[:20], y[:20]), 6, shuffle=False)
     history = fit(model, optimizer, loader, val, torch.nn.CrossEntropyLoss(), epochs=epochs, num_classes=3,
-                  output_dir=out, save_every_steps=5, keep_last=100, resume_from=resume, progress=False)
+                  checkpointing=Checkpointing(out, save_every_steps=5, keep_last=100, resume_from=resume),
+                  progress=False)
     return history, model
 
 

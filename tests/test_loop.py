@@ -9,7 +9,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from launcher import evaluate, fit
+from launcher import Checkpointing, EarlyStopping, Monitor, evaluate, fit
 from launcher.schedulers import reduce_on_plateau, warmup_cosine
 from launcher.tracking import NullTracker
 
@@ -102,8 +102,8 @@ def test_early_stopping_on_a_metric_that_never_improves():
     model, opt = model_and_opt(lr=0.0)  # nothing changes, so val_loss never improves after epoch 1
     data = blobs(n=64)
     history = fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32),
-                  nn.CrossEntropyLoss(), epochs=10, num_classes=3, best_metric="val_loss", best_mode="min",
-                  early_stopping_patience=2, progress=False)
+                  nn.CrossEntropyLoss(), epochs=10, num_classes=3, monitor=Monitor("val_loss", "min"),
+                  early_stopping=EarlyStopping(patience=2), progress=False)
     assert len(history) == 3  # epoch 1 sets the best, epochs 2 and 3 do not improve
 
 
@@ -111,7 +111,7 @@ def test_reduce_on_plateau_cuts_lr_after_patience():
     model, opt = model_and_opt(lr=1e-6)  # too small to change val_accuracy: every epoch after the first is bad
     data = blobs(n=64)
     history = fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32),
-                  nn.CrossEntropyLoss(), epochs=4, num_classes=3, best_metric="val_accuracy", best_mode="max",
+                  nn.CrossEntropyLoss(), epochs=4, num_classes=3, monitor=Monitor("val_accuracy", "max"),
                   scheduler=reduce_on_plateau(mode="max", factor=0.5, patience=1), progress=False)
     assert len({row["val_accuracy"] for row in history}) == 1
     # rows record the lr the epoch trained with; the cut follows the 2nd bad epoch (> patience)
@@ -158,7 +158,19 @@ def test_a_non_finite_loss_stops_fit_at_the_next_log_interval(tmp_path):
     data = blobs()
     with pytest.raises(Diverged) as caught:
         fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=50), exploding, epochs=2,
-            num_classes=3, progress=False, log_every=3, save_every_steps=4, output_dir=tmp_path)
+            num_classes=3, progress=False, log_every=3, checkpointing=Checkpointing(tmp_path, save_every_steps=4))
     assert caught.value.code == EXIT_DIVERGED and caught.value.step == 6
     assert "the training loss is inf at step 6 (epoch 1)" in str(caught.value)
     assert list_checkpoints(tmp_path) == ["step-00000004"] and not (tmp_path / "checkpoints" / "best").exists()
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Monitor("val_acc"), "Monitor metric 'val_acc' is not a metric; choose one of val_accuracy, val_loss"),
+    (lambda: Monitor("val_loss", "down"), "Monitor mode must be 'max' or 'min'"),
+    (lambda: EarlyStopping(patience=0), "EarlyStopping patience must be a whole number of epochs >= 1"),
+    (lambda: Checkpointing("runs/x", save_every_steps=0), "Checkpointing save_every_steps must be >= 1"),
+    (lambda: Checkpointing("runs/x", keep_last=0), "Checkpointing keep_last must be >= 1"),
+])
+def test_fit_options_refuse_bad_values_when_built(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

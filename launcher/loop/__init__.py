@@ -14,6 +14,7 @@ The package, one concern per module (a name is looked up, and so patched, in the
 - `accelerator`: make_accelerator, start_process_group, use_cpu;
 - `batches`: splitting a batch, the forward pass, per-sample losses, the valid samples of a last batch;
 - `evaluation`: evaluate;
+- `options`: fit's grouped options (Monitor, EarlyStopping, Checkpointing);
 - `steps`: the training step's functions and the micro-batches of an ElasticBatchSampler epoch;
 - `state`: FitRun, the per-`fit` state;
 - `resume`: restoring a run from a checkpoint, the re-planned schedule, runs already finished;
@@ -33,6 +34,7 @@ from launcher.loop.batches import (
     valid_in_batch,
 )
 from launcher.loop.evaluation import evaluate
+from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import Diverged, finite_or_none
 from launcher.loop.outputs import _json_line as _json_line
 from launcher.loop.resume import finished_reason, planned_steps
@@ -42,7 +44,9 @@ from launcher.loop.training import Preempted, fit, should_save_step
 
 __all__ = [
     "Batch",
+    "Checkpointing",
     "Diverged",
+    "EarlyStopping",
     "FitRun",
     "Preempted",
     "UnpackBatch",
@@ -55,6 +59,7 @@ __all__ = [
     "last_batch_remainder",
     "logits_of",
     "make_accelerator",
+    "Monitor",
     "per_sample_loss_fn",
     "planned_steps",
     "should_save_step",

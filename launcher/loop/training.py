@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -19,7 +18,7 @@ from launcher.checkpoint import CheckpointManager, TrainerState, append_line_dur
 from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost
 from launcher.fsdp import launcher_shards, shard_model
 from launcher.lease import claim_for_ranks
-from launcher.metrics import VAL_METRIC_NAMES, ConfusionStats
+from launcher.metrics import ConfusionStats
 from launcher.preemption import PreemptionWatch
 from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.tracking import NullTracker, Tracker
@@ -27,7 +26,7 @@ from launcher.timeouts import Timeouts
 from launcher.watchdog import start_watchdog
 from launcher.unused_parameters import configure_ddp
 from launcher.write_failures import write_failed
-from launcher.loop.accelerator import make_accelerator, _timeouts
+from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
     _batch_len,
     default_unpack,
@@ -38,6 +37,7 @@ from launcher.loop.batches import (
     valid_in_batch,
 )
 from launcher.loop.evaluation import evaluate
+from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import (
     _check_finite,
     _check_finite_local,
@@ -81,25 +81,15 @@ def fit(
     grad_accum: int = 1,
     max_grad_norm: float | None = None,
     seed: int | None = None,
-    best_metric: str = "val_accuracy",
-    best_mode: str = "max",
-    early_stopping_patience: int | None = None,
-    min_delta: float = 0.0,
-    output_dir: str | Path | None = None,
-    save_every_steps: int | None = None,
-    keep_last: int = 3,
-    resume_from: str | Path | None = None,
-    config: Mapping[str, Any] | None = None,
-    extra_state: Mapping[str, Any] | None = None,
+    monitor: Monitor = Monitor(),
+    early_stopping: EarlyStopping | None = None,
+    checkpointing: Checkpointing | None = None,
+    timeouts: Timeouts | None = None,
     log_every: int = 50,
     tracker: Tracker | None = None,
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
-    lease: Any = None,
-    collective_timeout: float | None = None,
-    init_timeout: float | None = None,
     find_unused_parameters: str | bool = "auto",
-    export_final: Callable[[torch.nn.Module, dict, Path], None] | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -110,20 +100,19 @@ def fit(
     num_classes: size of the confusion matrix.
     accelerator: defaults to `make_accelerator(grad_accum=grad_accum, seed=seed)`.
     scheduler: a factory `(optimizer, total_optimizer_steps) -> scheduler` (see launcher.schedulers);
-        per-step schedules step after every optimizer step, ReduceLROnPlateau after every epoch with
-        `best_metric`.
+        per-step schedules step after every optimizer step, ReduceLROnPlateau after every epoch with the
+        monitored metric.
     max_grad_norm: clip the global gradient norm on every optimizer step (None: no clipping).
-    best_metric / best_mode: the validation metric (a key of the rows, e.g. val_accuracy, val_loss) that
-        early stopping, ReduceLROnPlateau and `checkpoints/best` follow.
-    early_stopping_patience: stop after this many epochs without an improvement of more than min_delta.
-    output_dir: where metrics.jsonl, checkpoints/ and final/ go (None: keep nothing on disk).
-    save_every_steps: also checkpoint every N optimizer steps; keep_last: checkpoints kept besides best.
-    resume_from: a checkpoint folder to continue from exactly (see launcher.checkpoint.resolve_resume).
-    config / extra_state: plain data stored in every checkpoint (extra_state: e.g. the W&B run id).
+    monitor: the validation metric that `checkpoints/best`, early stopping and ReduceLROnPlateau follow.
+    early_stopping: stop when the monitored metric stopped improving (None: train every epoch).
+    checkpointing: what is kept in its output_dir, and the checkpoint to resume from (None: nothing is
+        written; see launcher.loop.options.Checkpointing).
+    timeouts: how long a training step / start-up, validation or a checkpoint write may stall before the
+        job ends naming the stalled rank (launcher.watchdog); default: the accelerator's (make_accelerator's
+        arguments), else launcher.timeouts' defaults.
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
-    lease: the claim on output_dir (launcher.lease.claim_for_ranks, on every rank) when the caller holds one
-        already, as the recipe does before it writes anything; otherwise fit claims output_dir itself for
-        the call (a folder in use raises FolderInUse, a UsageError) and releases it at the end.
+    find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
+        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.unused_parameters).
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
     `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
     `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
@@ -132,21 +121,15 @@ def fit(
     A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
     topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
     it is missing or stale).
-    collective_timeout / init_timeout: seconds a training step / start-up, validation or a checkpoint write
-        may stall before the job ends naming the stalled rank (launcher.watchdog); default: the
-        accelerator's (make_accelerator's arguments), else launcher.watchdog's defaults.
-    find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
-        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.unused_parameters).
-    export_final: called on the main process with the unwrapped model, its full state dict and the final/
-        folder once final/model.safetensors is written (the recipe writes final/hf/ with it).
     """
-    accelerator = accelerator or make_accelerator(grad_accum=grad_accum, seed=seed,
-                                                  collective_timeout=collective_timeout, init_timeout=init_timeout)
+    accelerator = accelerator or make_accelerator(
+        grad_accum=grad_accum, seed=seed, collective_timeout=timeouts.collective if timeouts else None,
+        init_timeout=timeouts.init if timeouts else None)
     if scheduler is not None and accelerator.step_scheduler_with_optimizer:
         raise ValueError("fit steps the scheduler itself: build the Accelerator with "
                          "step_scheduler_with_optimizer=False (launcher.make_accelerator does)")
-    if best_metric not in VAL_METRIC_NAMES:
-        raise ValueError(f"best_metric {best_metric!r} is not a metric; choose one of {', '.join(VAL_METRIC_NAMES)}")
+    ckpt = checkpointing or Checkpointing(output_dir=None)
+    patience = early_stopping.patience if early_stopping else None
     tracker = tracker if tracker is not None else NullTracker()
     # The unused-parameter probe takes one batch; a loader that counts what it hands out (a stream) would
     # count it as trained, so such a run probes on a validation batch (same inputs, no augmentation).
@@ -166,38 +149,38 @@ def fit(
         accelerator=accelerator, model=model, optimizer=optimizer, plateau=plateau, step_sched=step_sched,
         per_sample=per_sample_loss_fn(loss_fn), num_classes=num_classes, unpack=unpack_batch,
         max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
-        save_every_steps=save_every_steps, output_dir=Path(output_dir) if output_dir else None,
-        export_final=export_final,
-        state=TrainerState(world_size=accelerator.num_processes, config=dict(config or {}),
-                           extra=dict(extra_state or {})),
+        save_every_steps=ckpt.save_every_steps, output_dir=Path(ckpt.output_dir) if ckpt.output_dir else None,
+        export_final=ckpt.export_final,
+        state=TrainerState(world_size=accelerator.num_processes, config=dict(ckpt.config or {}),
+                           extra=dict(ckpt.extra_state or {})),
         train_sampler=train_sampler,
     )
+    lease = ckpt.lease
     own_lease = run.output_dir is not None and lease is None
     if own_lease:
         lease = claim_for_ranks(run.output_dir, is_main=accelerator.is_main_process)
     if getattr(train_loader, "resumes_itself", False):  # not hasattr(state_dict): accelerate's loaders have one
         run.stateful_loader = train_loader
     watch = PreemptionWatch()
-    timeouts = _timeouts(getattr(accelerator, "launcher_timeouts", None) or Timeouts(), collective_timeout,
-                         init_timeout)
+    timeouts = timeouts or getattr(accelerator, "launcher_timeouts", None) or Timeouts()
     run.watchdog = start_watchdog(lambda: (run.state.epoch, run.state.batches_done), timeouts)
     exit_code = 1
     try:
         if run.output_dir is not None:
             if accelerator.is_main_process:
                 run.output_dir.mkdir(parents=True, exist_ok=True)
-            run.manager = CheckpointManager(run.output_dir, keep_last=keep_last,
+            run.manager = CheckpointManager(run.output_dir, keep_last=ckpt.keep_last,
                                             is_main=accelerator.is_main_process, lease=lease)
             run.manager.clean_stale()
-        if resume_from is not None:
-            _resume(run, Path(resume_from))
+        if ckpt.resume_from is not None:
+            _resume(run, Path(ckpt.resume_from))
             _replan_schedule(run, planned_steps(run.state, len(train_loader),
                                                 accelerator.gradient_accumulation_steps, epochs))
         elif run.output_dir is not None and accelerator.is_main_process and (run.output_dir / "metrics.jsonl").exists():
             _rewrite_metrics(run.output_dir, [])  # rows of an attempt that never reached a checkpoint
-        finished = finished_reason(run.state, epochs, early_stopping_patience, best_metric)
+        finished = finished_reason(run.state, epochs, patience, monitor.metric)
         if finished:
-            _finish_finished(run, finished, epochs, early_stopping_patience)
+            _finish_finished(run, finished, epochs, patience)
             exit_code = 0
             return run.state.history
         run.state.finished = ""  # a relaunch that trains further: the run is no longer finished
@@ -208,19 +191,18 @@ def fit(
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
             with run.watchdog.slow():
-                row = _validate_and_record(run, val_loader, epoch, best_metric)
+                row = _validate_and_record(run, val_loader, epoch)
             _check_finite(run, {"training": row["train_loss"], "validation": row["val_loss"]})  # row written
-            stop_early = _update_best_and_patience(run, row, best_metric, best_mode, min_delta,
-                                                   early_stopping_patience)
+            stop_early = _update_best_and_patience(run, row, monitor, early_stopping)
             if run.plateau is not None:
-                run.plateau.step(row[best_metric])
+                run.plateau.step(row[monitor.metric])
             run.state.epoch, run.state.batches_done, run.state.samples_done = epoch + 1, 0, 0
             run.state.train_stats, run.state.epoch_seconds, run.state.train_seconds = None, 0.0, 0.0
             if stop_early or run.state.epoch >= epochs:
                 run.state.finished = "early-stopped" if stop_early else "completed"  # recorded, see finished_reason
             _save(run, reason="epoch", best=row["epoch"] == run.state.best_epoch)
             if stop_early:
-                accelerator.print(f"early stopping: {best_metric} has not improved for "
+                accelerator.print(f"early stopping: {monitor.metric} has not improved for "
                                   f"{run.state.bad_epochs} epochs")
                 break
             if watch.should_stop() and run.state.epoch < epochs:
@@ -386,7 +368,7 @@ def _log_train(run: FitRun, stats: ConfusionStats, clock: _EpochClock, epoch_pro
     run.log_mark = (now, clock.samples, loss_sum, seen)
 
 
-def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: str) -> dict:
+def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
     acc, state = run.accelerator, run.state
     started = time.perf_counter()
     val = evaluate(run.model, val_loader, run.per_sample, num_classes=run.num_classes, accelerator=acc,
@@ -423,11 +405,11 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int, best_metric: 
     return row
 
 
-def _update_best_and_patience(run: FitRun, row: dict, best_metric: str, mode: str, min_delta: float,
-                              patience: int | None) -> bool:
-    state = run.state
-    if _better(row[best_metric], state.best_value, mode, min_delta):
-        state.best_value, state.best_epoch, state.bad_epochs = row[best_metric], row["epoch"], 0
+def _update_best_and_patience(run: FitRun, row: dict, monitor: Monitor, early_stopping: EarlyStopping | None
+                              ) -> bool:
+    state, min_delta = run.state, early_stopping.min_delta if early_stopping else 0.0
+    if _better(row[monitor.metric], state.best_value, monitor.mode, min_delta):
+        state.best_value, state.best_epoch, state.bad_epochs = row[monitor.metric], row["epoch"], 0
     else:
         state.bad_epochs += 1
-    return patience is not None and state.bad_epochs >= patience
+    return early_stopping is not None and state.bad_epochs >= early_stopping.patience
