@@ -1,0 +1,175 @@
+"""Loading, all or nothing: `read_checkpoint` checks every file against the model, optimizer, scheduler and scaler
+before `apply_checkpoint` changes any of them; `load_model_weights` for the weights alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from launcher.checkpoint.layout import (
+    TRAINER_STATE,
+    CheckpointError,
+    CheckpointMismatch,
+    TrainerState,
+    plain_state_dict,
+    validate,
+)
+from launcher.errors import UsageError
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """`model.safetensors` of a checkpoint folder (or a weights file) under the plain model's names."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    try:
+        return plain_state_dict(load_file(str(file)))
+    except FileNotFoundError:
+        raise UsageError(f"no weights at {file}") from None
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+
+
+def check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointMismatch naming the missing, unexpected and differently shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_names(unexpected)}")
+    if wrong_shape:
+        parts.append("shape mismatch: " + ", ".join(
+            f"{k} {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong_shape[:8]))
+    if parts:
+        raise CheckpointMismatch(f"weights do not fit this model ({'; '.join(parts)}); build the model with "
+                                 f"the config the checkpoint was trained with")
+
+
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `model.safetensors` (from a checkpoint folder or a file) strictly, with a clear mismatch error."""
+    weights = read_weights(path)
+    try:
+        check_weights(model, weights)
+    except CheckpointMismatch as err:
+        raise UsageError(f"{path}: {err}") from None
+    model.load_state_dict(weights, strict=True)
+
+
+def check_optimizer_state(optimizer: Any, saved: dict) -> None:
+    """The saved optimizer state fits `optimizer`: same groups, same number of parameters in each, and every
+    per-parameter tensor (momenta, second moments) shaped like its parameter."""
+    groups, saved_groups = optimizer.param_groups, saved.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        raise CheckpointMismatch(f"optimizer.pt has {len(saved_groups or [])} parameter groups, the optimizer "
+                                 f"{len(groups)}")
+    params = {}
+    for i, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise CheckpointMismatch(f"optimizer.pt group {i} has {len(saved_group['params'])} parameters, the "
+                                     f"optimizer {len(group['params'])}")
+        params.update(zip(saved_group["params"], group["params"]))
+    for pid, entry in saved.get("state", {}).items():
+        if pid not in params:
+            raise CheckpointMismatch(f"optimizer.pt has state for parameter {pid}, which no group holds")
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[pid].shape:
+                raise CheckpointMismatch(f"optimizer.pt state {key!r} of parameter {pid} has shape "
+                                         f"{tuple(value.shape)}, the parameter {tuple(params[pid].shape)}")
+
+
+def _check_same_keys(name: str, current: dict, saved: Any) -> None:
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        raise CheckpointMismatch(f"{name} does not match this run's {name.split('.')[0]} (keys "
+                                 f"{_names(sorted(saved)) if isinstance(saved, dict) else type(saved).__name__} vs "
+                                 f"{_names(sorted(current))})")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Everything of one checkpoint, read and checked, nothing applied yet."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict | None
+    scaler: dict | None
+    state: TrainerState
+    rng: dict | None  # this rank's
+    stats: dict | None  # this rank's partial-epoch statistics
+
+
+def _torch_load(path: Path, **kw: Any) -> Any:
+    try:
+        return torch.load(path, weights_only=True, **kw)
+    except Exception as err:  # a file that validates (checksum) but does not unpickle: written by other code
+        raise CheckpointMismatch(f"cannot load {path.name}: {str(err).splitlines()[0]}") from None
+
+
+def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+                    scaler: Any = None, rank: int = 0) -> LoadedCheckpoint:
+    """Read and check every file of the checkpoint against the (unwrapped) model, optimizer, scheduler and
+    scaler, changing none of them. Raises CheckpointError (CheckpointMismatch: valid, but does not fit)."""
+    validate(path)
+    weights = read_weights(path)
+    check_weights(model, weights)
+    device = next(model.parameters()).device
+    optim_state = _torch_load(path / "optimizer.pt", map_location=device)
+    check_optimizer_state(optimizer, optim_state)
+    sched_state = scaler_state = None
+    if scheduler is not None and (path / "scheduler.pt").exists():
+        sched_state = _torch_load(path / "scheduler.pt")
+        _check_same_keys("scheduler.pt", scheduler.state_dict(), sched_state)
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler_state = _torch_load(path / "scaler.pt")
+        _check_same_keys("scaler.pt", scaler.state_dict(), scaler_state)
+    try:
+        raw = read_trainer_state(path)
+        rank_stats = raw.pop("train_stats") or []
+        known = set(TrainerState.__dataclass_fields__)
+        state = TrainerState(**{k: v for k, v in raw.items() if k in known})
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointMismatch(f"{TRAINER_STATE} does not hold a trainer state ({err})") from None
+    ranks = _torch_load(path / "rng.pt")["ranks"]
+    return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
+                            scaler=scaler_state, state=state, rng=ranks[rank] if rank < len(ranks) else None,
+                            stats=rank_stats[rank] if rank < len(rank_stats) else None)
+
+
+def apply_checkpoint(loaded: LoadedCheckpoint, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+                     scaler: Any = None) -> None:
+    """Apply a checkpoint that `read_checkpoint` checked against these same objects."""
+    model.load_state_dict(loaded.weights, strict=True)
+    optimizer.load_state_dict(loaded.optimizer)
+    if loaded.scheduler is not None:
+        scheduler.load_state_dict(loaded.scheduler)
+    if loaded.scaler is not None:
+        scaler.load_state_dict(loaded.scaler)
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+                    scaler: Any = None, rank: int = 0) -> tuple[TrainerState, dict | None, dict | None]:
+    """Load everything into the given (unwrapped) model, optimizer, scheduler and scaler, all or nothing.
+
+    Returns the trainer state, this rank's RNG state and this rank's partial-epoch statistics; the caller
+    restores the RNG at the right moment (see launcher.loop).
+    """
+    loaded = read_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=rank)
+    apply_checkpoint(loaded, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    return loaded.state, loaded.rng, loaded.stats
