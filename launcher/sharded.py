@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -35,16 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from accelerate.optimizer import AcceleratedOptimizer
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from launcher.checkpoint import (
     FAULT_ENV,
@@ -71,8 +63,20 @@ DCP_DIR = "dcp"
 MODEL_PREFIX = "model."
 
 
+def _dcp():
+    """torch.distributed.checkpoint, imported when first needed: the import takes ~0.8 s of every process's
+    start-up, and only FSDP runs and sharded exports use it."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.api  # noqa: F401 - dcp.api and dcp.state_dict below
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+
+    return dcp
+
+
 def is_sharded_model(model: torch.nn.Module) -> bool:
     """True for a model sharded with FSDP2 (`fully_shard` turns modules into FSDPModule subclasses)."""
+    if "torch.distributed.fsdp" not in sys.modules:  # nothing was sharded with a module no one imported
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -132,13 +136,17 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
             failure = write_failed(err, manager.root, f"checkpoint {name}")
     agree(failure)  # the folder exists before any rank writes into it, or every rank stops here
     try:
-        shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp = _dcp()
+        shards = {"model": dcp.state_dict.get_model_state_dict(model),
+                  "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
         dcp.save(shards, checkpoint_id=tmp / DCP_DIR)  # FileSystemWriter fsyncs every file it writes
         if os.environ.get(FAULT_ENV) == str(state.global_step) and _rank() == _world() - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: one rank dies with its shards written
         if manager.is_main:
             _write_small_files(tmp, state, train_stats, rng_states, scheduler, scaler)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP's error derives from BaseException
+    except BaseException as err:  # noqa: B036 - DCP's CheckpointException derives from BaseException
+        if not isinstance(err, (Exception, _dcp().api.CheckpointException)):
+            raise  # KeyboardInterrupt, SystemExit: not a write failure
         failure = write_failed(err, manager.root, f"checkpoint {name}")
     agree(_discarded(failure, tmp, manager.is_main))  # every rank's shards are on disk before any commit
     if manager.is_main:
@@ -207,7 +215,9 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     Gathered one parameter at a time and offloaded to the CPU as it comes, so the GPU never holds it whole.
     """
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state_dict = _dcp().state_dict
+    return state_dict.get_model_state_dict(model, options=state_dict.StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -222,10 +232,12 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, schedule
     """
     validate(path)
     optimizer = _torch_optimizer(optimizer)
-    shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp = _dcp()
+    shards = {"model": dcp.state_dict.get_model_state_dict(model),
+              "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
     dcp.load(shards, checkpoint_id=path / DCP_DIR)
-    set_model_state_dict(model, shards["model"])
-    set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+    dcp.state_dict.set_model_state_dict(model, shards["model"])
+    dcp.state_dict.set_optimizer_state_dict(model, optimizer, shards["optimizer"])
     if scheduler is not None and (path / "scheduler.pt").exists():
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
@@ -253,6 +265,7 @@ def model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     The tensors' shapes and dtypes come from DCP's metadata; DCP then fills them from every rank's shards.
     """
+    dcp = _dcp()
     reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
     metadata = reader.read_metadata()
     weights: dict[str, torch.Tensor] = {}
