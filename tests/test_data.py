@@ -56,6 +56,21 @@ def test_digits_loads_with_a_stratified_standardized_split():
     assert "stratified" in splits.val_source
 
 
+def test_digits_are_scikit_learns_exactly_without_importing_it():
+    from launcher.data.sources import digits_arrays
+
+    images, labels = digits_arrays()
+    code = "import sys, launcher.data.sources as s; s.digits_arrays(); print('sklearn' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip()
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    assert images.dtype == bunch.images.dtype and np.array_equal(images, bunch.images)
+    assert np.array_equal(labels, bunch.target)
+    assert imported == "False"
+
+
 def test_same_seed_same_split_other_seed_other_split():
     a, b, c = load_splits("digits", seed=3), load_splits("digits", seed=3), load_splits("digits", seed=4)
     assert torch.equal(whole(a.val)[0], whole(b.val)[0]) and torch.equal(whole(a.train)[1], whole(b.train)[1])

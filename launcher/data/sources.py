@@ -9,6 +9,8 @@ the in-memory/Arrow inputs (launcher.data.arrays) and the stream (launcher.data.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,9 +130,7 @@ def _first_line(error: BaseException, *, root: bool = False) -> str:
 
 def _digits() -> datasets.Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, no network) as a real datasets.Dataset."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    images, labels = digits_arrays()
     features = datasets.Features(
         {
             "image": datasets.Array2D(shape=(8, 8), dtype="float32"),
@@ -138,8 +138,27 @@ def _digits() -> datasets.Dataset:
         }
     )
     # Pixel values are counts 0..16 (of a 4x4 block); /16 puts them in [0, 1] like any image.
-    images = (bunch.images / 16.0).astype(np.float32)
-    return datasets.Dataset.from_dict({"image": images, "label": bunch.target.astype(np.int64)}, features=features)
+    images = (images / 16.0).astype(np.float32)
+    return datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) of pixel counts 0..16, labels): what `sklearn.datasets.load_digits()` returns,
+    read from the file scikit-learn ships without importing scikit-learn, whose import (scipy, joblib)
+    took ~2 s of every run's start-up. Falls back to load_digits where the file is not where scikit-learn
+    keeps it."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without executing it
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as rows:  # as load_digits reads it: 64 pixels and the label per row
+                data = np.loadtxt(rows, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
 
 
 # ---------------------------------------------------------------------------------------------------------
