@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from launcher.checkpoint import list_checkpoints
+from launcher.data.sampling import RECORD_ENV
 from launcher.errors import EXIT_HUNG, EXIT_PREEMPTED, EXIT_USAGE
 from tests.helpers import (
     assert_same_weights,
@@ -68,15 +69,23 @@ def finish(proc, timeout: float) -> str:
         raise AssertionError(f"still running after {timeout} s:\n{proc.communicate()[0][-4000:]}") from None
 
 
-def start_and_wait_for_checkpoint(out, extra=(), launch_extra=()):
-    proc = start([*ARGS, *TIMEOUTS, *extra, "--output-dir", str(out)], nproc=2, extra=list(launch_extra))
+def start_and_wait_for_checkpoint(out, extra=(), launch_extra=(), env=None):
+    proc = start([*ARGS, *TIMEOUTS, *extra, "--output-dir", str(out)], nproc=2, extra=list(launch_extra), env=env)
     if not wait_for(lambda: len(list_checkpoints(out)) >= 2, timeout=120, proc=proc):
         finish(proc, 0.1)
     return proc
 
 
 def test_stopped_rank_ends_the_job_within_the_bound_naming_it_and_resume_is_exact(reference, tmp_path):
-    proc = start_and_wait_for_checkpoint(tmp_path)
+    samples = tmp_path.parent / f"{tmp_path.name}-samples"
+    proc = start_and_wait_for_checkpoint(tmp_path, env=make_env(**{RECORD_ENV: str(samples)}))
+    # Stop rank 1 in a training step, whose bound is --collective-timeout, not while the ranks still finish
+    # the checkpoint just seen (a write's bound is --init-timeout): its sampler records each batch it hands
+    # out, and a new batch is asked for only once the previous step and its save are done.
+    recorded = samples.parent / f"{samples.name}.rank1"
+    batches = lambda: len(recorded.read_text().splitlines())  # noqa: E731
+    seen = batches()
+    assert wait_for(lambda: batches() > seen, timeout=60, proc=proc), finish(proc, 0.1)
     victim = worker(psutil.Process(proc.pid), 1)
     victim.send_signal(signal.SIGSTOP)
     stopped = time.monotonic()

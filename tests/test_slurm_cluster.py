@@ -144,9 +144,10 @@ def local_reference(tmp_path: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def baseline(cluster, tmp_path_factory):
-    """One uninterrupted 2-node job, and the same run as two local processes, side by side."""
+    """One uninterrupted 2-node job, and the same run as two local processes, side by side; built once for
+    this module and tests/test_slurm_faults.py (one xdist worker runs every SLURM test: tests/conftest.py)."""
     tmp = tmp_path_factory.mktemp("baseline")
     started = time.monotonic()
     job_id, printed = submit(cluster, ["--nodes", "2", "--output-dir", str(tmp / "slurm-run")])
