@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from launcher.data.sampling import RECORD_ENV
 from launcher.errors import EXIT_HUNG
-from tests.helpers import assert_same_weights, comparable, final_weights, read_metrics
+from tests.helpers import assert_same_weights, comparable, final_weights, read_metrics, wait_for
 from tests.test_slurm_cluster import (  # noqa: F401 - cluster and baseline are fixtures
     TRAIN,
     baseline,
@@ -42,12 +43,19 @@ def training_worker(job_id: str, rank: int):
 
 def test_stopped_rank_fails_the_job_within_the_bound_naming_it(
         cluster, tmp_path):  # noqa: F811 - the imported fixture
-    run = tmp_path / "run"
+    run, samples = tmp_path / "run", tmp_path / "samples"
     options = ["--nodes", "2", "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--init-timeout", "120",
-               "--output-dir", str(run)]
+               "--env", f"{RECORD_ENV}={samples}", "--output-dir", str(run)]
     job_id, _ = submit(cluster, options)
     log = run / "slurm" / f"classify-{job_id}.out"
     wait_path(run / "checkpoints" / "step-00000005" / "manifest.json", 300, cluster, job_id)  # may queue
+    # Stop rank 1 in a training step (bound: --collective-timeout), not while the ranks still finish that
+    # checkpoint (a write's bound is --init-timeout): its sampler records each batch it hands out, and it
+    # asks for the next one only once the step before and its save are done.
+    recorded = tmp_path / "samples.rank1"
+    batches = lambda: len(recorded.read_text().splitlines())  # noqa: E731
+    seen = batches()
+    assert wait_for(lambda: batches() > seen, timeout=60), read_log(log)[-4000:]
     victim = training_worker(job_id, 1)
     assert victim.environ()["SLURMD_NODENAME"] == "n2"
     victim.send_signal(signal.SIGSTOP)
