@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from launcher.data.batched import BatchedDataset
 from launcher.errors import UsageError
 
 PREFIX = "hf:"
@@ -207,7 +208,7 @@ def _per_channel(values: Any, channels: int) -> list[float]:
     return values * channels if len(values) == 1 else values[:channels]
 
 
-class ProcessedImages(Dataset):
+class ProcessedImages(BatchedDataset):
     """A batched image dataset (standardized by launcher.data) re-made into the model's inputs, per batch."""
 
     def __init__(self, base: Dataset, source: Normalization, target: Normalization, channels: int):
@@ -215,10 +216,6 @@ class ProcessedImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = self.__getitems__([index])
-        return inputs[0], labels[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = self.base.__getitems__(indices)

@@ -16,6 +16,7 @@ The modules, one concern each:
 - `pipeline`: `load_splits` (the steps above, in order) and `DataSplits`, what it returns;
 - `sources`: raw datasets from each source, their splits, the label and input columns, label encoding, the
   stratified validation carve (steps 1-3);
+- `batched`: `BatchedDataset`, the base of every dataset here (a whole batch per `__getitems__`);
 - `arrays`: array and tabular inputs as tensors: the input spec, rows gathered from the Arrow table,
   standardization, `TensorBatchedDataset` and `ArrowBatchedDataset` (steps 3-5);
 - `images`: image folders and image columns listed at start-up and decoded, resized, augmented per batch;
@@ -40,9 +41,9 @@ if TYPE_CHECKING:
     from launcher.data.arrays import (
         IN_MEMORY_MAX_BYTES as IN_MEMORY_MAX_BYTES,
         ArrowBatchedDataset as ArrowBatchedDataset,
-        BatchedDataset as BatchedDataset,
         TensorBatchedDataset as TensorBatchedDataset,
     )
+    from launcher.data.batched import BatchedDataset as BatchedDataset
     from launcher.data.loader import batched_collate as batched_collate
     from launcher.data.loader import make_loader as make_loader
     from launcher.data.pipeline import DataSplits as DataSplits
@@ -64,7 +65,7 @@ _EXPORTS = {
     "load_splits": "pipeline",
     "make_loader": "loader",
     "batched_collate": "loader",
-    "BatchedDataset": "arrays",
+    "BatchedDataset": "batched",
     "TensorBatchedDataset": "arrays",
     "ArrowBatchedDataset": "arrays",
     "IN_MEMORY_MAX_BYTES": "arrays",

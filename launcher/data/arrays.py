@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import Dataset
 
+from launcher.data.batched import BatchedDataset
 from launcher.data.sources import _array_depth, _describe, _detect_image_column
 from launcher.errors import UsageError
 
@@ -30,26 +30,6 @@ _STATS_BATCH = 4096
 
 # ---------------------------------------------------------------------------------------------------------
 # Batched datasets
-
-
-class BatchedDataset(Dataset):
-    """Map-style dataset of standardized inputs and int64 labels whose `__getitems__` returns a batch.
-
-    torch's DataLoader calls `__getitems__(indices)` when a dataset has it and hands the result to
-    `collate_fn`; `make_loader` uses a pass-through collate_fn, so a batch costs one indexing operation.
-    """
-
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = self.__getitems__([index])
-        return inputs[0], labels[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
 
 
 class TensorBatchedDataset(BatchedDataset):

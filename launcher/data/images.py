@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from launcher.data.batched import BatchedDataset
 from launcher.errors import UsageError
 
 # Images decoded for the standardization statistics; a fixed sample, so start-up does not grow with the data.
@@ -218,7 +219,7 @@ def check_augment(preset: str) -> None:
 # Datasets
 
 
-class LazyImageDataset(torch.utils.data.Dataset):
+class LazyImageDataset(BatchedDataset):
     """Rows of an image column decoded, resized, augmented (training only) and standardized per batch."""
 
     def __init__(self, column: ImageColumn, rows: np.ndarray, labels: torch.Tensor, *, mode: str,
@@ -230,13 +231,6 @@ class LazyImageDataset(torch.utils.data.Dataset):
         # Standardization as one multiply-subtract per pixel on the (N, H, W, C) batch: x / 255 / std - mean / std.
         self._scale, self._shift = 1.0 / (255.0 * self.std), self.mean / self.std
         self.augment, self.seed = augment, seed
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = self.__getitems__([index])
-        return inputs[0], labels[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch = getattr(indices, "epoch", 0)  # launcher.data.sampling.EpochIndices carries the epoch
@@ -255,7 +249,7 @@ class LazyImageDataset(torch.utils.data.Dataset):
         return inputs.permute(0, 3, 1, 2), self.labels[torch.from_numpy(idx)]
 
 
-class AugmentedDataset(torch.utils.data.Dataset):
+class AugmentedDataset(BatchedDataset):
     """Augmentation over a batched dataset of (N, C, H, W) float images (arrays held in memory or Arrow).
 
     Cropping with bilinear resampling and flipping commute with per-channel standardization, so the
@@ -265,13 +259,6 @@ class AugmentedDataset(torch.utils.data.Dataset):
     def __init__(self, base: torch.utils.data.Dataset, augment: Augmenter, seed: int) -> None:
         self.base, self.augment, self.seed = base, augment, seed
         self.labels = base.labels
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = self.__getitems__([index])
-        return inputs[0], labels[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch = getattr(indices, "epoch", 0)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from datasets.distributed import split_dataset_by_node
 
 from launcher.data import images
+from launcher.data.batched import BatchedDataset
 from launcher.errors import UsageError
 
 SHUFFLE_BUFFER = 10_000
@@ -203,19 +204,12 @@ def _all_have(have: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-class StreamValDataset(torch.utils.data.Dataset):
+class StreamValDataset(BatchedDataset):
     """A map-style validation split converted per batch (exact metrics, as for any dataset)."""
 
     def __init__(self, ds: datasets.Dataset, convert: RowConverter) -> None:
         self.ds, self.convert = ds, convert
         self.labels = torch.as_tensor(np.asarray(ds.with_format("numpy")[convert.label]), dtype=torch.int64)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = self.__getitems__([index])
-        return inputs[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         columns = self.ds[list(indices)]
