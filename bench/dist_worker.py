@@ -26,7 +26,7 @@ from bench.loops import Run, _EpochClockTracker, _quiet  # noqa: E402
 from bench.workloads import build_workloads  # noqa: E402
 from launcher import evaluate, fit, make_accelerator  # noqa: E402
 from launcher.data import TensorBatchedDataset, batched_collate, make_loader  # noqa: E402
-from launcher.preemption import PreemptionWatch  # noqa: E402
+from launcher.faults.preemption import PreemptionWatch  # noqa: E402
 
 COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "all_gather_object",
            "gather_object", "broadcast_object_list", "reduce", "gather")
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--no-preemption-vote", action="store_true",
                    help="stub PreemptionWatch.should_stop out (a reference for what the vote costs)")
     p.add_argument("--no-watchdog", action="store_true",
-                   help="start no launcher.watchdog in fit (a reference for what the hang watchdog costs)")
+                   help="start no launcher.faults.watchdog in fit (a reference for what the hang watchdog costs)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cnn-samples", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +92,7 @@ def main() -> None:
         PreemptionWatch.should_stop = lambda self: False
     if args.no_watchdog:
         import launcher.loop.training
-        from launcher.watchdog import NO_WATCHDOG
+        from launcher.faults.watchdog import NO_WATCHDOG
 
         launcher.loop.training.start_watchdog = lambda progress, timeouts: NO_WATCHDOG
     accelerator = make_accelerator(seed=args.seed)

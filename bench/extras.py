@@ -271,7 +271,7 @@ def startup(args, workloads: dict) -> tuple[dict, str]:
 def checkpoint(args, workloads: dict) -> tuple[dict, str]:
     """CheckpointManager.save (safetensors weights, optimizer, RNG, trainer state, fsync, sha256 manifest,
     atomic rename) vs a bare torch.save of the same model and optimizer state."""
-    from launcher.models import MLP, build_model
+    from launcher.models.builtin import MLP, build_model
 
     shape = (3, 32, 32)
     models = {"cnn": lambda: build_model("cnn", shape, 10), "resnet": lambda: build_model("resnet", shape, 10),
@@ -361,7 +361,7 @@ def _overhead_case(w, level: int, seed: int):
     from bench.loops import _EpochClockTracker, _quiet, Run, reset_accelerate_state
     from launcher import fit, make_accelerator
     from launcher.loop import _mean_backward, per_sample_loss_fn
-    from launcher.metrics import ConfusionStats
+    from launcher.tasks.classification import ConfusionStats
     from launcher.data import TensorBatchedDataset, make_loader
 
     x, y = w.tensors()[:2]

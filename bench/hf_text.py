@@ -55,7 +55,7 @@ def build(folder: Path, sentences: int, batch_size: int):
 
 
 def new_model(path: Path, data, seed: int):
-    from launcher import hf
+    from launcher.models import hf
 
     torch.manual_seed(seed)
     return hf.load_model(str(path), data, notice=lambda line: None)

@@ -8,7 +8,7 @@ A ~100M-parameter MLP (12 x Linear(2896, 2896), fp32: 403 MB of weights, 806 MB 
 AdamW step so the optimizer state exists, then saves twice and loads once through the launcher's own code:
 `CheckpointManager.save` on a DDP model (rank 0 writes, as today: "rank0"), the same rank-0 files from an
 FSDP2 model whose full model and optimizer state are gathered onto rank 0 first (what today's format would
-cost under FSDP: "gathered"), `launcher.sharded.save_sharded` on an FSDP2 model (every rank writes its
+cost under FSDP: "gathered"), `launcher.checkpoint.sharded.save_sharded` on an FSDP2 model (every rank writes its
 shards: "sharded"), or `dcp.async_save` of the same shards ("async", measured, not used by the launcher).
 Each mode runs in fresh processes, so memory is per mode. Memory
 is the resident set sampled every 5 ms during the operation, minus the resident set just before it: what
@@ -80,7 +80,7 @@ def one_step(model, optimizer):
 
 def worker(mode: str, out: Path) -> None:
     from launcher.checkpoint import CheckpointManager, TrainerState, load_checkpoint
-    from launcher.sharded import get_model_state_dict, get_optimizer_state_dict, load_sharded, save_sharded
+    from launcher.checkpoint.sharded import get_model_state_dict, get_optimizer_state_dict, load_sharded, save_sharded
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -142,7 +142,7 @@ def gathered_save(manager, state, model, optimizer):
     """Today's rank-0 files from an FSDP model: everything gathered whole onto rank 0's CPU, then written."""
     from types import SimpleNamespace
 
-    from launcher.sharded import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from launcher.checkpoint.sharded import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(model, options=full)

@@ -1,4 +1,4 @@
-"""What the hang watchdog (launcher.watchdog) costs per step: fit in 2 gloo processes with and without it.
+"""What the hang watchdog (launcher.faults.watchdog) costs per step: fit in 2 gloo processes with and without it.
 
     python bench/watchdog.py                # about 2 minutes on 2 busy cores
     python bench/watchdog.py --repeats 2 --workload cnn

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from launcher.data import DataSplits, batched_collate, load_splits, make_loader
-from launcher.models import build_model
+from launcher.models.builtin import build_model
 
 LR, WEIGHT_DECAY = 1e-3, 0.01  # the recipe's AdamW defaults
 

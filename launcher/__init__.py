@@ -1,9 +1,9 @@
 """launcher: one PyTorch training loop from a laptop CPU to many GPU nodes on SLURM."""
 
 from launcher.errors import EXIT_HUNG, EXIT_PREEMPTED, EXIT_USAGE, UsageError
+from launcher.faults.timeouts import Timeouts
 from launcher.loop import Checkpointing, EarlyStopping, Monitor, Preempted, evaluate, fit, make_accelerator
-from launcher.metrics import ClassificationMetrics, compute_metrics
-from launcher.timeouts import Timeouts
+from launcher.tasks.classification import ClassificationMetrics, compute_metrics
 
 __all__ = ["fit", "evaluate", "make_accelerator", "Monitor", "EarlyStopping", "Checkpointing", "Timeouts",
            "Preempted", "ClassificationMetrics", "compute_metrics",

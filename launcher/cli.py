@@ -27,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return submit_main(rest)
         if command == "compare":
-            from launcher.compare import compare_main
+            from launcher.tracking.compare import compare_main
 
             return compare_main(rest)
         if command == "export":
-            from launcher.export import export_main
+            from launcher.checkpoint.export import export_main
 
             return export_main(rest)
         raise UsageError(f"unknown command {command!r}: use 'launcher submit', 'launcher compare' or 'launcher export'")

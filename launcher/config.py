@@ -19,9 +19,8 @@ from typing import Any
 import yaml
 
 from launcher.errors import UsageError
-from launcher.metrics import VAL_METRIC_NAMES
-from launcher.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
-
+from launcher.faults.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
+from launcher.tasks.classification import VAL_METRIC_NAMES
 
 # What a relaunch (a resume, or --eval-only of a checkpoint) may do with each key; see docs/relaunch.md.
 #   fixed:            defines the data, the model or the optimisation: taken from the checkpoint when not
@@ -303,7 +302,7 @@ def _coerce(name: str, value: Any) -> Any:
 def parse_values(argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
     """The keys given explicitly (--config FILE.yaml < command-line flags), typed; defaults left out.
 
-    A relaunch needs to know what was given: keys not given come from the checkpoint (launcher.relaunch).
+    A relaunch needs to know what was given: keys not given come from the checkpoint (launcher.checkpoint.relaunch).
     """
     args = vars(build_parser(description).parse_args(argv))
     config_file = args.pop("config", None)

@@ -13,7 +13,7 @@ EXIT_PREEMPTED = 75
 # A non-finite training or validation loss stopped the run (see launcher.loop.Diverged): retrying the same
 # command would diverge again, so it is neither a crash (1) nor a preemption (75).
 EXIT_DIVERGED = 3
-# A rank stopped making progress (launcher.watchdog): the live ranks leave with this code, so that a
+# A rank stopped making progress (launcher.faults.watchdog): the live ranks leave with this code, so that a
 # hang is told apart from a crash (1), bad input (2) and a preemption (75). SLURM shows it as 76:0.
 EXIT_HUNG = 76
 

@@ -24,16 +24,9 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
-from launcher import Checkpointing, EarlyStopping, Monitor, evaluate, fit, hf, make_accelerator
+from launcher import Checkpointing, EarlyStopping, Monitor, evaluate, fit, make_accelerator
 from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
-from launcher.config import TrainConfig, parse_values
-from launcher.data import DataSplits, load_splits, make_loader
-from launcher.errors import EXIT_USAGE, RunStopped, UsageError
-from launcher.fsdp import distributed_label, is_fsdp
-from launcher.lease import claim_for_ranks
-from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
-from launcher.models import build_model
-from launcher.relaunch import (
+from launcher.checkpoint.relaunch import (
     choose_checkpoint,
     describe_abandoned,
     is_epoch_end,
@@ -41,12 +34,19 @@ from launcher.relaunch import (
     set_aside_newer,
     stored_config,
 )
+from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, load_weights
+from launcher.config import TrainConfig, parse_values
+from launcher.data import DataSplits, load_splits, make_loader
 from launcher.data.streaming import load_stream_splits
-from launcher.schedulers import from_name
-from launcher.sharded import check_resume_format, is_sharded_checkpoint, load_weights
 from launcher.data.text import TextOptions
-from launcher.tracking import run_metadata, start_tracker
-from launcher.write_failures import main_writes
+from launcher.errors import EXIT_USAGE, RunStopped, UsageError
+from launcher.faults.lease import claim_for_ranks
+from launcher.faults.write_failures import main_writes
+from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
+from launcher.models import build_model, hf
+from launcher.parallel.fsdp import distributed_label, is_fsdp
+from launcher.schedulers import from_name
+from launcher.tracking.tracker import run_metadata, start_tracker
 
 
 def setup_output_dir(config: TrainConfig) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main as cli_main
-from launcher.compare import compare_main
+from launcher.tracking.compare import compare_main
 from launcher.config import TrainConfig
 from launcher.errors import UsageError
 

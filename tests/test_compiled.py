@@ -13,7 +13,7 @@ import torch
 
 from launcher.checkpoint import plain_state_dict
 from launcher.data import load_splits
-from launcher.models import build_model
+from launcher.models.builtin import build_model
 from tests.helpers import read_metrics, run
 
 ARGS = ["--batch-size", "64", "--lr", "3e-3"]

@@ -1,8 +1,8 @@
 """FSDP2 on CPU over gloo (accelerate_configs/cpu_fsdp.yaml): sharded training and sharded checkpoints.
 
 Real `accelerate launch` groups of 1, 2 and 3 processes; every assertion is on the files a run leaves and the
-exit of its launcher. The launcher shards the model itself on CPU (launcher.fsdp), so the checkpoint code
-under test (launcher.sharded, torch DCP) is the code GPU runs execute.
+exit of its launcher. The launcher shards the model itself on CPU (launcher.parallel.fsdp), so the checkpoint code
+under test (launcher.checkpoint.sharded, torch DCP) is the code GPU runs execute.
 """
 
 import json
@@ -172,7 +172,7 @@ def test_resume_on_another_world_size(clean, tmp_path, nproc):
 def test_export_loads_strictly_and_gives_the_same_logits(clean, ddp, tmp_path):
     """One plain process, no process group: a sharded checkpoint becomes one safetensors file."""
     from launcher.data import load_splits
-    from launcher.models import build_model
+    from launcher.models.builtin import build_model
     from safetensors.torch import load_file
 
     out = clean[0]

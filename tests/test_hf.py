@@ -112,7 +112,7 @@ def test_final_hf_loads_with_from_pretrained_and_predicts_the_same(trained, asse
     """final/hf/ is a save_pretrained folder: model, label names, tokenizer or image processor."""
     from transformers import AutoConfig
 
-    from launcher import hf
+    from launcher.models import hf
     from launcher.data import load_splits
     from launcher.loop import default_unpack, forward
     from launcher.data.text import TextOptions

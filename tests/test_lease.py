@@ -1,4 +1,4 @@
-"""One run per output folder (launcher.lease): real lease files, real processes, real kills."""
+"""One run per output folder (launcher.faults.lease): real lease files, real processes, real kills."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from launcher.checkpoint import list_checkpoints, validate
 from launcher.config import parse_config
 from launcher.errors import EXIT_LEASE_LOST, EXIT_USAGE, LeaseLost, UsageError
-from launcher.lease import LEASE_NAME, FolderInUse, claim
+from launcher.faults.lease import LEASE_NAME, FolderInUse, claim
 from tests.helpers import RECIPE, ROOT, make_env, read_metrics, run, signal_tree, start, wait_for
 
 # Each training step sleeps 50 ms (tests/slurm/slow_model.py), so a run lasts long enough for a second launch.

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from launcher import Checkpointing, EarlyStopping, Monitor, evaluate, fit
 from launcher.schedulers import reduce_on_plateau, warmup_cosine
-from launcher.tracking import NullTracker
+from launcher.tracking.tracker import NullTracker
 
 
 @pytest.fixture(autouse=True)

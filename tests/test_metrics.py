@@ -5,7 +5,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from launcher.loop import valid_in_batch
-from launcher.metrics import ConfusionStats, compute_metrics
+from launcher.tasks.classification import ConfusionStats, compute_metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -1,4 +1,4 @@
-"""launcher.models: built-in models on the shapes launcher.data produces, user factories, and bad --model values."""
+"""launcher.models.builtin: built-in models on the shapes launcher.data produces, user factories, bad --model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from launcher.errors import UsageError
-from launcher.models import MODEL_NAMES, build_model
+from launcher.models.builtin import MODEL_NAMES, build_model
 
 
 @pytest.mark.parametrize(

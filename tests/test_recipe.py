@@ -105,7 +105,7 @@ def plain_evaluation(ckpt):
     """The textbook single-process computation over the whole validation set at once."""
     from launcher.checkpoint import load_model_weights
     from launcher.data import load_splits
-    from launcher.models import build_model
+    from launcher.models.builtin import build_model
 
     data = load_splits("digits", val_fraction=0.23, seed=0)
     model = build_model("mlp", data.input_shape, data.num_classes)

@@ -1,4 +1,4 @@
-"""launcher.relaunch.reconcile and the schedule re-plan, without launching anything."""
+"""launcher.checkpoint.relaunch.reconcile and the schedule re-plan, without launching anything."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 
 from launcher.config import TrainConfig
 from launcher.errors import UsageError
-from launcher.relaunch import reconcile
+from launcher.checkpoint.relaunch import reconcile
 from launcher.schedulers import replan, warmup_cosine
 
 CKPT = Path("runs/x/checkpoints/step-00000023")

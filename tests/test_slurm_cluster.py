@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.wandb_records import find_run_files, read_run_file
+from launcher.tracking.wandb_records import find_run_files, read_run_file
 from tests.helpers import assert_same_weights, comparable, final_weights, free_port, make_env, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]

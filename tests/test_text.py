@@ -117,7 +117,7 @@ def test_probe_names_unused_parameters_and_leaves_everything_as_it_was():
 
     from launcher.checkpoint import capture_rng
     from launcher.loop import per_sample_loss_fn
-    from launcher.unused_parameters import first_batch, unused_parameters
+    from launcher.parallel.unused_parameters import first_batch, unused_parameters
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"body": torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
@@ -129,8 +129,13 @@ def test_probe_names_unused_parameters_and_leaves_everything_as_it_was():
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = capture_rng()["torch"]
-    unused = unused_parameters(model, first_batch(loader), default_unpack,
-                               per_sample_loss_fn(torch.nn.CrossEntropyLoss()), Accelerator(cpu=True))
+    per_sample = per_sample_loss_fn(torch.nn.CrossEntropyLoss())
+
+    def batch_loss(module, batch):
+        inputs, targets = default_unpack(batch)
+        return per_sample(forward(module, inputs), targets).mean()
+
+    unused = unused_parameters(model, first_batch(loader), batch_loss, Accelerator(cpu=True))
     assert unused == ["aux.weight", "aux.bias"]
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch-norm statistics too

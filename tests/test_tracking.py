@@ -1,7 +1,7 @@
 """W&B tracking: real wandb in offline mode, real `accelerate launch` process groups, run files read back.
 
 The slow tests run a job (tests/tracking_job.py, or the recipe) and read the `run-<id>.wandb` files it
-leaves under WANDB_DIR with launcher.wandb_records: what W&B would upload is exactly what is checked.
+leaves under WANDB_DIR with launcher.tracking.wandb_records: what W&B would upload is exactly what is checked.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config import TrainConfig
-from launcher.tracking import (
+from launcher.tracking.tracker import (
     NullTracker,
     best_summary,
     build_config,
@@ -34,7 +34,7 @@ from launcher.tracking import (
     start_tracker,
     train_metrics,
 )
-from launcher.wandb_records import RecordFileError, find_run_files, iter_record_bytes, read_run_file
+from launcher.tracking.wandb_records import RecordFileError, find_run_files, iter_record_bytes, read_run_file
 from tests.helpers import ROOT, read_metrics, run, signal_tree, start, wait_for
 
 JOB = ROOT / "tests" / "tracking_job.py"
@@ -151,7 +151,7 @@ def accelerator():
 def test_missing_wandb_becomes_a_warning_and_a_local_only_tracker(tmp_path, accelerator, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
-    with caplog.at_level(logging.WARNING, logger="launcher.tracking"):
+    with caplog.at_level(logging.WARNING, logger="launcher.tracking.tracker"):
         tracker = start_tracker(TrainConfig(wandb_mode="offline"), accelerator=accelerator, output_dir=tmp_path,
                                 run_info={}, resume_run_id="keepme1")
     assert type(tracker) is NullTracker and tracker.run_id == "keepme1"  # the id survives for a later resume

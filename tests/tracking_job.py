@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from launcher.config import TrainConfig
-from launcher.tracking import start_tracker
+from launcher.tracking.tracker import start_tracker
 
 
 def fake_row(epoch: int, step: int, world_size: int) -> dict:

@@ -13,7 +13,7 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step-00000420/`:
 
 Every rank takes part in `save` (the RNG states are gathered to rank 0), only rank 0 writes, into
 `checkpoints/.tmp-step-.../`, fsyncs, renames it into place and fsyncs the folder; then all ranks learn
-together whether it worked (launcher.write_failures.agree). A failed write removes its temp folder and
+together whether it worked (launcher.faults.write_failures.agree). A failed write removes its temp folder and
 raises WriteFailed on every rank; the earlier checkpoints and `best` are untouched.
 
 Weights are stored under the plain model's names (`plain_state_dict`): no `_orig_mod.` from torch.compile,
@@ -32,7 +32,12 @@ The package, one concern per module (a name is looked up, and so patched, in the
 - `manager`: CheckpointManager: saving on every rank, the atomic write by rank 0, rotation, `best`;
 - `loading`: read_checkpoint, apply_checkpoint, load_checkpoint, read_weights, load_model_weights and the
   checks of the weights, optimizer, scheduler and scaler against this run;
-- `resume`: which checkpoint to resume from: resolve_resume, latest_valid, loadable_checkpoint.
+- `resume`: which checkpoint to resume from: resolve_resume, latest_valid, loadable_checkpoint;
+- `sharded`: FSDP checkpoints: every rank writes its DCP shards, one commit; load with resharding
+  (imported on first use: torch.distributed.checkpoint is slow to import);
+- `export`: `launcher export CHECKPOINT OUT.safetensors`, any checkpoint to one plain file;
+- `relaunch`: what a relaunch may change: rank 0 chooses the checkpoint, the stored config is reconciled
+  with the command line, newer checkpoints are set aside.
 """
 
 from launcher.checkpoint.collective import _gather_to_all as _gather_to_all

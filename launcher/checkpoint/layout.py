@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from launcher.checkpoint.files import _sha256
+from launcher.faults.lease import LEASE_PREFIX as LEASE_PREFIX  # the run's claim on its folder, not its output
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
-LEASE_PREFIX = ".launcher-lease"  # launcher.lease's files: the run's claim on its folder, not its output
 # Test-only fault injection: kill this process halfway through writing the checkpoint of this step.
 FAULT_ENV = "LAUNCHER_TEST_KILL_DURING_SAVE_AT_STEP"
 # Test-only: the ranks listed here (comma-separated RANK values) see no checkpoint in an output folder, as a

@@ -29,7 +29,7 @@ from launcher.checkpoint.layout import (
 )
 from launcher.checkpoint.rng import capture_rng
 from launcher.errors import LeaseLost, RunStopped
-from launcher.write_failures import agree, write_failed
+from launcher.faults.write_failures import agree, write_failed
 
 
 @dataclass
@@ -39,7 +39,7 @@ class CheckpointManager:
     output_dir: Path
     keep_last: int = 3
     is_main: bool = True
-    lease: Any = None  # launcher.lease.OutputLease on rank 0: checked before every write, its run id recorded
+    lease: Any = None  # launcher.faults.lease.OutputLease on rank 0: checked before every write, its run id recorded
 
     @property
     def root(self) -> Path:

@@ -1,7 +1,7 @@
 """`BatchedDataset`: the base of every dataset here whose `__getitems__` returns a whole batch.
 
 Its own module, importing nothing of launcher's, so that every data module (arrays, images, streaming)
-and launcher.hf can subclass it without an import cycle.
+and launcher.models.hf can subclass it without an import cycle.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ accelerate config, LR scheduling, early stopping decided from all-reduced metric
 
 Nothing is read back to the host per step: losses and confusion counts accumulate on the device and are
 read once per log interval and once per epoch. The only per-step collective is the preemption vote, which
-runs asynchronously on a CPU group (see launcher.preemption).
+runs asynchronously on a CPU group (see launcher.faults.preemption).
 
 The package, one concern per module (a name is looked up, and so patched, in the module that uses it):
 - `accelerator`: make_accelerator, start_process_group, use_cpu;

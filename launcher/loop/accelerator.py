@@ -10,10 +10,10 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
-from launcher.elastic import join_restarted_group
-from launcher.fsdp import check_distributed
-from launcher.timeouts import Timeouts
-from launcher.watchdog import nccl_environment
+from launcher.faults.elastic import join_restarted_group
+from launcher.faults.timeouts import Timeouts
+from launcher.faults.watchdog import nccl_environment
+from launcher.parallel.fsdp import check_distributed
 
 
 def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective_timeout: float | None = None,
@@ -29,9 +29,9 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective
       with the GPU's stream on every batch, so the CPU could never run ahead of the GPU (pair it with
       `pin_memory=True` in the DataLoader, as launcher.data.make_loader does when CUDA is available).
     - `init_timeout` bounds process-group start-up (rendezvous, the first barriers); `collective_timeout`
-      bounds each training step once `fit` runs (launcher.watchdog; `fit` reads both from the returned
+      bounds each training step once `fit` runs (launcher.faults.watchdog; `fit` reads both from the returned
       accelerator's `launcher_timeouts`). On GPUs the NCCL watchdog / flight-recorder variables of
-      `launcher.watchdog.nccl_environment` are set unless already set.
+      `launcher.faults.watchdog.nccl_environment` are set unless already set.
     """
     timeouts = _timeouts(Timeouts(), collective_timeout, init_timeout)
     kwargs.setdefault("cpu", use_cpu())
@@ -67,7 +67,7 @@ def _prepare_process_group(cpu: bool, timeouts: Timeouts) -> None:
         for key, value in nccl_environment().items():
             os.environ.setdefault(key, value)  # read when the NCCL group is created
     join_restarted_group("gloo" if cpu or not torch.cuda.is_available() else "nccl",
-                         timedelta(seconds=timeouts.init))  # torchrun restarts: see launcher.elastic
+                         timedelta(seconds=timeouts.init))  # torchrun restarts: see launcher.faults.elastic
 
 
 def use_cpu() -> bool:

@@ -10,8 +10,6 @@ from typing import Any, Callable
 
 import torch
 
-
-
 Batch = Any
 
 

@@ -8,19 +8,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
-from launcher.metrics import ClassificationMetrics, ConfusionStats
 from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
+    UnpackBatch,
     _batch_len,
     default_unpack,
     forward,
     last_batch_remainder,
     per_sample_loss_fn,
-    UnpackBatch,
     valid_in_batch,
 )
 from launcher.loop.steps import _no_autocast
+from launcher.tasks.classification import ClassificationMetrics, ConfusionStats
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.metrics import VAL_METRIC_NAMES
+from launcher.tasks.classification import VAL_METRIC_NAMES
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Checkpointing:
     output_dir None writes nothing (a run can still continue from resume_from).
     resume_from: a checkpoint folder to continue from exactly (launcher.checkpoint.resolve_resume finds one).
     config / extra_state: plain data stored in every checkpoint (the recipe: its config and the W&B run id).
-    lease: the claim on output_dir (launcher.lease.claim_for_ranks, on every rank) when the caller holds one
+    lease: the claim on output_dir (launcher.faults.lease.claim_for_ranks, on every rank) when the caller holds one
         already, as the recipe does before it writes anything; otherwise fit claims output_dir itself for
         the call (a folder in use raises FolderInUse, a UsageError) and releases it at the end.
     export_final: called on the main process with the unwrapped model, its full state dict and the final/

@@ -15,11 +15,11 @@ import torch.distributed as dist
 from accelerate.utils import gather_object
 
 from launcher.checkpoint import checkpoint_name, plain_state_dict, save_weights, write_json_atomic, write_text_atomic
+from launcher.checkpoint.sharded import full_model_state, is_sharded_model, save_sharded
 from launcher.errors import EXIT_DIVERGED
-from launcher.metrics import ConfusionStats
-from launcher.sharded import full_model_state, is_sharded_model, save_sharded
-from launcher.write_failures import main_writes
+from launcher.faults.write_failures import main_writes
 from launcher.loop.state import FitRun
+from launcher.tasks.classification import ConfusionStats
 
 
 class Diverged(SystemExit):
@@ -88,7 +88,7 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
     if run.stateful_loader is not None:  # a collective: every rank calls _save
         state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
-    if is_sharded_model(run.model):  # every rank writes its own shards (launcher.sharded)
+    if is_sharded_model(run.model):  # every rank writes its own shards (launcher.checkpoint.sharded)
         path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
                             optimizer=run.optimizer, scheduler=scheduler, scaler=acc.scaler,
                             best=best, failure=run.write_failure)

@@ -21,12 +21,12 @@ from launcher.checkpoint import (
     read_trainer_state,
     restore_rng,
 )
+from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, is_sharded_model, load_sharded
 from launcher.errors import UsageError
-from launcher.metrics import ConfusionStats
-from launcher.schedulers import replan
-from launcher.sharded import check_resume_format, is_sharded_checkpoint, is_sharded_model, load_sharded
 from launcher.loop.outputs import _rewrite_metrics, _write_final
 from launcher.loop.state import FitRun
+from launcher.schedulers import replan
+from launcher.tasks.classification import ConfusionStats
 
 
 def _resume(run: FitRun, path: Path) -> None:

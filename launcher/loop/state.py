@@ -11,12 +11,12 @@ from accelerate import Accelerator
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from launcher.checkpoint import CheckpointManager, TrainerState
-from launcher.errors import RunStopped
-from launcher.metrics import ClassificationMetrics
 from launcher.data.sampling import ElasticBatchSampler
-from launcher.tracking import Tracker
-from launcher.watchdog import NO_WATCHDOG, NoWatchdog
+from launcher.errors import RunStopped
+from launcher.faults.watchdog import NO_WATCHDOG, NoWatchdog
 from launcher.loop.batches import UnpackBatch
+from launcher.tasks.classification import ClassificationMetrics
+from launcher.tracking.tracker import Tracker
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FitRun:
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
     resumed_from: Path | None = None  # the checkpoint this launch continues
     write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
-    watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.watchdog)
+    watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.faults.watchdog)
     # A training loader that keeps its own position (`resumes_itself = True`, state_dict/load_state_dict, e.g.
     # launcher.data.streaming's): every rank's state is saved in the checkpoint's extra["loader_states"] and
     # restored on resume at the same world size.

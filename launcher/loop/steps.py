@@ -15,7 +15,6 @@ from accelerate.utils import DistributedType, send_to_device
 from launcher.data.sampling import ElasticBatchSampler, share
 from launcher.loop.batches import Batch
 
-
 _NO_CONTEXT = contextlib.nullcontext()
 
 

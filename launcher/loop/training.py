@@ -15,42 +15,42 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from launcher.checkpoint import CheckpointManager, TrainerState, append_line_durable, restore_rng
-from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost
-from launcher.fsdp import launcher_shards, shard_model
-from launcher.lease import claim_for_ranks
-from launcher.metrics import ConfusionStats
-from launcher.preemption import PreemptionWatch
 from launcher.data.sampling import find_elastic_sampler, iterate
-from launcher.tracking import NullTracker, Tracker
-from launcher.timeouts import Timeouts
-from launcher.watchdog import start_watchdog
-from launcher.unused_parameters import configure_ddp
-from launcher.write_failures import write_failed
+from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost
+from launcher.faults.lease import claim_for_ranks
+from launcher.faults.preemption import PreemptionWatch
+from launcher.faults.timeouts import Timeouts
+from launcher.faults.watchdog import start_watchdog
+from launcher.faults.write_failures import write_failed
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
+    UnpackBatch,
     _batch_len,
     default_unpack,
     forward,
     last_batch_remainder,
     per_sample_loss_fn,
-    UnpackBatch,
     valid_in_batch,
 )
 from launcher.loop.evaluation import evaluate
 from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import (
+    Diverged,
     _check_finite,
     _check_finite_local,
     _check_lease,
-    Diverged,
     _json_line,
     _rewrite_metrics,
     _save,
     _write_final,
 )
-from launcher.loop.resume import _finish_finished, finished_reason, planned_steps, _replan_schedule, _resume
+from launcher.loop.resume import _finish_finished, _replan_schedule, _resume, finished_reason, planned_steps
 from launcher.loop.state import FitRun
 from launcher.loop.steps import _ElasticFeed, _plain_samples_done, _step_functions
+from launcher.parallel.fsdp import launcher_shards, shard_model
+from launcher.parallel.unused_parameters import configure_ddp
+from launcher.tasks.classification import ConfusionStats
+from launcher.tracking.tracker import NullTracker, Tracker
 
 
 class Preempted(SystemExit):
@@ -108,16 +108,16 @@ def fit(
     checkpointing: what is kept in its output_dir, and the checkpoint to resume from (None: nothing is
         written; see launcher.loop.options.Checkpointing).
     timeouts: how long a training step / start-up, validation or a checkpoint write may stall before the
-        job ends naming the stalled rank (launcher.watchdog); default: the accelerator's (make_accelerator's
-        arguments), else launcher.timeouts' defaults.
+        job ends naming the stalled rank (launcher.faults.watchdog); default: the accelerator's (make_accelerator's
+        arguments), else launcher.faults.timeouts' defaults.
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
     find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
-        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.unused_parameters).
+        runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.parallel.unused_parameters).
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
     `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
     `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
     `LeaseLost` (73) when another run took output_dir over; a stalled rank ends the job with exit 76
-    (launcher.watchdog).
+    (launcher.faults.watchdog).
     A resumed run follows this call's plan: a per-step schedule is re-planned to this call's epochs and
     topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
     it is missing or stale).
@@ -134,8 +134,14 @@ def fit(
     # The unused-parameter probe takes one batch; a loader that counts what it hands out (a stream) would
     # count it as trained, so such a run probes on a validation batch (same inputs, no augmentation).
     probe_loader = val_loader if getattr(train_loader, "resumes_itself", False) else train_loader
-    configure_ddp(accelerator, model, probe_loader, unpack_batch, per_sample_loss_fn(loss_fn), find_unused_parameters)
-    if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.fsdp)
+    per_sample = per_sample_loss_fn(loss_fn)
+
+    def batch_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:  # the probe's loss: the loop's own
+        inputs, targets = unpack_batch(batch)
+        return per_sample(forward(module, inputs), targets).mean()
+
+    configure_ddp(accelerator, model, probe_loader, batch_loss, find_unused_parameters)
+    if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.parallel.fsdp)
         model = shard_model(accelerator, model, optimizer)
     model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)
     train_sampler = find_elastic_sampler(train_loader)

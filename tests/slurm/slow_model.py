@@ -13,7 +13,7 @@ import time
 
 from torch import nn
 
-from launcher.models import build_model
+from launcher.models.builtin import build_model
 
 STEP_SECONDS = 0.05
 

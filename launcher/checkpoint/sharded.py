@@ -57,7 +57,7 @@ from launcher.checkpoint import (
     validate,
 )
 from launcher.errors import LeaseLost, RunStopped, UsageError
-from launcher.write_failures import agree, write_failed
+from launcher.faults.write_failures import agree, write_failed
 
 DCP_DIR = "dcp"
 MODEL_PREFIX = "model."

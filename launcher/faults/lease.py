@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.checkpoint import LEASE_PREFIX
 from launcher.errors import LeaseLost, UsageError
 
+# The lease files in an output folder start with this; checkpoint code treats them as the claim, not output.
+LEASE_PREFIX = ".launcher-lease"
 LEASE_NAME = LEASE_PREFIX
 HEARTBEAT_SECONDS = 15.0
 # A holder whose heartbeat is older than this is taken for dead from any host: 8 missed heartbeats,

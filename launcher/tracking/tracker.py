@@ -362,7 +362,7 @@ class WandbTracker:
 
 def _already_logged_offline(run: Any, run_id: str) -> tuple[int, int]:
     """(highest epoch, highest step) in this run's earlier local run files (earlier process starts)."""
-    from launcher.wandb_records import RecordFileError, find_run_files, read_run_file
+    from launcher.tracking.wandb_records import RecordFileError, find_run_files, read_run_file
 
     current = Path(run.settings.sync_dir).resolve()
     epoch, step = 0, -1

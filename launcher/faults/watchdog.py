@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.errors import EXIT_HUNG
-from launcher.timeouts import Timeouts
+from launcher.faults.timeouts import Timeouts
 
 # Set when the job ends because a rank hung: one line for the batch script to repeat (launcher submit).
 FAULT_FILE_ENV = "LAUNCHER_FAULT_FILE"

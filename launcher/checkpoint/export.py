@@ -12,9 +12,9 @@ import argparse
 import typing
 from pathlib import Path
 
-from launcher.checkpoint import MANIFEST, CHECKPOINTS, latest_valid
+from launcher.checkpoint import CHECKPOINTS, MANIFEST, latest_valid
+from launcher.checkpoint.sharded import export_weights
 from launcher.errors import UsageError
-from launcher.sharded import export_weights
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,7 +6,7 @@ MULTI_CPU (with `cpu=True`) and the model would silently train as plain DDP. Ins
 for FSDP and accelerate set up a CPU gloo group, the launcher shards the model itself with accelerate's own
 FSDP2 wrapping function (`fsdp2_prepare_model`, the code `Accelerator.prepare` runs on GPUs) driven by the same
 plugin settings, and reports the run as "FSDP2 (launcher, CPU/gloo)". Training steps, gradient clipping and
-the sharded checkpoints (launcher.sharded) then run exactly the torch FSDP2/DCP code a GPU run executes; only
+the sharded checkpoints (launcher.checkpoint.sharded) then run exactly the torch FSDP2/DCP code a GPU run executes; only
 the device and the collective backend differ. That is how CI exercises the FSDP path without a GPU.
 """
 

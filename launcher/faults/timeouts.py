@@ -1,4 +1,4 @@
-"""The two bounds on a stalled job (launcher.watchdog enforces them): plain data, no torch, so that
+"""The two bounds on a stalled job (launcher.faults.watchdog enforces them): plain data, no torch, so that
 `launcher submit` checks them without importing torch."""
 
 from __future__ import annotations

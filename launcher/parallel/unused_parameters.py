@@ -25,12 +25,13 @@ _DDP_TYPES = tuple(t for t in DistributedType if t.name.startswith("MULTI_"))  #
 _NAMED = 4  # parameters named in the notice
 
 
-def configure_ddp(accelerator: Accelerator, model: torch.nn.Module, loader: Any, unpack: Callable,
-                  per_sample: Callable, mode: str | bool = "auto") -> list[str]:
+def configure_ddp(accelerator: Accelerator, model: torch.nn.Module, loader: Any, batch_loss: Callable,
+                  mode: str | bool = "auto") -> list[str]:
     """Set DDP's unused-parameter options on `accelerator` before it prepares `model`. Every rank calls this.
 
     mode: 'auto' (probe, and turn find_unused_parameters on only if some parameter gets no gradient), 'on'
     / True, 'off' / False, or 'static' (static_graph=True: the same parameters are used in every step).
+    batch_loss(model, batch) is the loop's scalar training loss of a batch already on the device.
     Returns the unused parameters found by the probe (empty without one).
     """
     mode = {True: "on", False: "off"}.get(mode, mode)
@@ -46,7 +47,7 @@ def configure_ddp(accelerator: Accelerator, model: torch.nn.Module, loader: Any,
     elif mode == "on":
         handler.find_unused_parameters = True
     else:
-        unused = unused_parameters(model, first_batch(loader), unpack, per_sample, accelerator)
+        unused = unused_parameters(model, first_batch(loader), batch_loss, accelerator)
         # Every rank must build DDP alike; a data-dependent model may leave parameters unused on one only.
         anywhere = accelerator.reduce(torch.tensor([float(bool(unused))], device=accelerator.device), "sum")
         if anywhere.item() == 0:
@@ -75,15 +76,13 @@ def first_batch(loader: Any) -> Any:
     return loader.collate_fn(samples)
 
 
-def unused_parameters(model: torch.nn.Module, batch: Any, unpack: Callable, per_sample: Callable,
-                      accelerator: Accelerator) -> list[str]:
+def unused_parameters(model: torch.nn.Module, batch: Any, batch_loss: Callable, accelerator: Accelerator) -> list[str]:
     """Names of trainable parameters that get no gradient from one training-mode forward and backward of
-    the mean per-sample loss on `batch`. Weights, gradients, buffers (batch-norm statistics), train/eval mode
-    and the RNG streams are left as they were, so training starts exactly as without the probe."""
-    from launcher.loop import forward  # the loop imports this module
-
+    the loop's loss on `batch` (`batch_loss(model, batch)`). Weights, gradients, buffers (batch-norm
+    statistics), train/eval mode and the RNG streams are left as they were, so training starts exactly as
+    without the probe."""
     model.to(accelerator.device)  # where prepare() puts it anyway; before the RNG capture, which covers CUDA
-    inputs, targets = unpack(send_to_device(batch, accelerator.device))
+    batch = send_to_device(batch, accelerator.device)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     grads = {name: p.grad for name, p in model.named_parameters()}
     was_training, rng = model.training, capture_rng()
@@ -92,8 +91,8 @@ def unused_parameters(model: torch.nn.Module, batch: Any, unpack: Callable, per_
             p.grad = None
         model.train()
         with accelerator.autocast():
-            losses = per_sample(forward(model, inputs), targets)
-        losses.mean().backward()
+            loss = batch_loss(model, batch)
+        loss.backward()
         return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     finally:
         restore_rng(rng)
