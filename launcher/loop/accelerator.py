@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, str_to_bool
 
+from launcher.errors import UsageError
 from launcher.faults.elastic import join_restarted_group
 from launcher.faults.timeouts import Timeouts
 from launcher.faults.watchdog import nccl_environment
@@ -20,8 +22,9 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective
                      init_timeout: float | None = None, **kwargs: Any) -> Accelerator:
     """The Accelerator `fit` expects; mixed precision and topology come from `accelerate launch`.
 
-    - On a machine without a GPU, `cpu=True` makes each process of a multi-process launch join a gloo
-      group (otherwise every process silently trains alone as world size 1).
+    - On a machine without a GPU, or when asked for (`ACCELERATE_USE_CPU`, as cpu.yaml's `use_cpu: true`
+      sets it), `cpu=True` makes each process of a multi-process launch join a gloo group (otherwise every
+      process silently trains alone as world size 1) and keeps the model off any GPU (`trains_on_cpu`).
     - `use_seedable_sampler`: the shuffle order of epoch e is a function of (seed, e), which is what makes
       mid-epoch resume exact.
     - `step_scheduler_with_optimizer=False`: `fit` steps schedules once per optimizer step.
@@ -63,7 +66,7 @@ def start_process_group(*, collective_timeout: float | None = None, init_timeout
 
 def _prepare_process_group(cpu: bool, timeouts: Timeouts) -> None:
     """What must happen before the default group exists: NCCL's watchdog settings, torchrun restarts."""
-    if torch.cuda.is_available():
+    if not cpu and torch.cuda.is_available():
         for key, value in nccl_environment().items():
             os.environ.setdefault(key, value)  # read when the NCCL group is created
     join_restarted_group("gloo" if cpu or not torch.cuda.is_available() else "nccl",
@@ -71,9 +74,27 @@ def _prepare_process_group(cpu: bool, timeouts: Timeouts) -> None:
 
 
 def use_cpu() -> bool:
-    """Whether this machine trains on CPUs (gloo); `PartialState(cpu=use_cpu())` starts the process group
+    """Whether this process trains on the CPU (gloo); `PartialState(cpu=use_cpu())` starts the process group
     the same way make_accelerator would, for work that must happen before the Accelerator is built."""
-    return not (torch.cuda.is_available() or _has_other_accelerator())
+    return trains_on_cpu(os.environ, accelerator_available=torch.cuda.is_available() or _has_other_accelerator())
+
+
+def trains_on_cpu(environ: Mapping[str, str], *, accelerator_available: bool) -> bool:
+    """The device decision: the CPU when asked for (`ACCELERATE_USE_CPU`, which `accelerate launch` sets from
+    a config's `use_cpu: true`, as in cpu.yaml) or when there is no GPU (or other accelerator).
+
+    accelerate itself reads the variable only when the Accelerator is built, after the process group exists
+    (on a GPU machine an NCCL one): cpu.yaml would train on the GPU, cpu_ddp.yaml with
+    ACCELERATE_USE_CPU=true would start NCCL with more processes than GPUs. So it is read here, first.
+    """
+    flag = environ.get("ACCELERATE_USE_CPU", "").strip()
+    if flag:
+        try:
+            if str_to_bool(flag):
+                return True
+        except ValueError:
+            raise UsageError(f"ACCELERATE_USE_CPU={flag!r} is not a yes/no value; set it to true or false") from None
+    return not accelerator_available
 
 
 def _has_other_accelerator() -> bool:
