@@ -55,3 +55,57 @@ def test_rng_state_round_trips_on_this_machine():
     expected = (random.random(), torch.rand(3))
     restore_rng(state)
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+
+
+def test_watchdog_blames_the_rank_with_an_idle_gpu_not_those_waiting_on_theirs():
+    from launcher.faults.watchdog import name_stuck_ranks
+
+    # On a GPU a healthy rank waits at its next host read (launcher code) while its stream waits for the peer.
+    states = [(False, True, "launcher/loop/training.py:359 in _step_metrics"),
+              (False, False, "launcher/data/loader.py:80 in __iter__"),
+              (True, False, "torch/distributed/distributed_c10d.py:2800 in all_reduce")]
+    culprits, how = name_stuck_ranks(states)
+    assert culprits == [1] and "rank 1 at launcher/data/loader.py:80" in how and "rank 0" not in how
+
+
+def test_watchdog_names_every_rank_when_all_wait_on_torch_or_their_gpu():
+    from launcher.faults.watchdog import name_stuck_ranks
+
+    culprits, how = name_stuck_ranks([(False, True, "a.py:1 in f"), (True, False, "b.py:2 in g")])
+    assert culprits == [0, 1] and "every rank is alive and waiting" in how
+
+
+def test_nccl_async_error_handling_is_left_to_torch():
+    # torch's default (3) ends the process without ncclCommAbort, which can itself hang on a wedged GPU.
+    from launcher.faults.watchdog import nccl_environment
+
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in nccl_environment()
+
+
+def test_watchdog_tells_a_compilation_from_running_compiled_code():
+    # A recompilation (a new shape) is bounded like start-up; a compiled step that hangs is bounded like a step.
+    from launcher.faults.watchdog import _compiling
+
+    seen = {"compiling": [], "running": []}
+
+    def backend(graph, example_inputs):
+        seen["compiling"].append(_compiling())
+        return graph.forward
+
+    @torch._dynamo.disable
+    def probe():
+        seen["running"].append(_compiling())
+
+    def step(x):
+        y = x * 2
+        probe()  # a graph break: runs eagerly between two compiled graphs
+        return y + 1
+
+    compiled = torch.compile(step, backend=backend)
+    compiled(torch.ones(3))
+    seen["running"].clear()  # the first call compiled
+    compiled(torch.ones(3))
+    compiled(torch.ones(3))
+    assert seen["compiling"] and all(seen["compiling"])
+    assert seen["running"] == [False, False]
+    assert not _compiling()
