@@ -109,3 +109,68 @@ def test_watchdog_tells_a_compilation_from_running_compiled_code():
     assert seen["compiling"] and all(seen["compiling"])
     assert seen["running"] == [False, False]
     assert not _compiling()
+
+
+def test_deterministic_sets_kernels_cudnn_and_the_cublas_workspace():
+    from launcher.loop.determinism import determinism_settings, use_deterministic_algorithms
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.benchmark = True
+    try:
+        environ: dict[str, str] = {}
+        settings = use_deterministic_algorithms(environ)
+        assert environ == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+        assert settings == {"deterministic_algorithms": True, "cudnn_deterministic": True, "cudnn_benchmark": False,
+                            "cublas_workspace_config": ":4096:8"} == determinism_settings(environ)
+        chosen = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}  # the other deterministic value, a user's choice, is kept
+        assert use_deterministic_algorithms(chosen)["cublas_workspace_config"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_builtin_image_models_avoid_modules_without_a_deterministic_cuda_backward(name):
+    from torch import nn
+
+    from launcher.models import build_model
+
+    # torch.use_deterministic_algorithms(True) makes these raise in backward on a GPU (its documented list).
+    no_deterministic_backward = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.MaxPool3d,
+                                 nn.AvgPool3d, nn.FractionalMaxPool2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+    model = build_model(name, (3, 16, 16), 10)
+    assert not [m for m in model.modules() if isinstance(m, no_deterministic_backward)]
+
+
+def test_global_average_pool_is_adaptive_average_pool_to_one():
+    from torch import nn
+
+    from launcher.models.builtin import GlobalAvgPool
+
+    x = torch.randn(4, 8, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x))
+
+
+@pytest.mark.slow
+def test_deterministic_flag_is_recorded_and_changes_nothing_on_the_cpu(tmp_path):
+    import json
+    import os
+
+    from tests.helpers import assert_same_weights, comparable, final_weights, read_metrics, run
+
+    args = ["--model", "cnn", "--epochs", "1", "--batch-size", "128"]
+    run([*args, "--deterministic", "--output-dir", str(tmp_path / "det")])
+    run([*args, "--output-dir", str(tmp_path / "default")])
+    saved = json.loads((tmp_path / "det" / "config.json").read_text())
+    assert saved["config"]["deterministic"] is True
+    assert saved["run_info"]["determinism"] == {"deterministic_algorithms": True, "cudnn_deterministic": True,
+                                                "cudnn_benchmark": False,
+                                                "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG",
+                                                                                          ":4096:8")}
+    default = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert default["config"]["deterministic"] is False
+    assert default["run_info"]["determinism"]["deterministic_algorithms"] is False
+    # CPU kernels are deterministic already: the flag changes no number.
+    assert_same_weights(final_weights(tmp_path / "det"), final_weights(tmp_path / "default"))
+    assert comparable(read_metrics(tmp_path / "det")) == comparable(read_metrics(tmp_path / "default"))

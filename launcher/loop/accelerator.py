@@ -15,11 +15,12 @@ from launcher.errors import UsageError
 from launcher.faults.elastic import join_restarted_group
 from launcher.faults.timeouts import Timeouts
 from launcher.faults.watchdog import nccl_environment
+from launcher.loop.determinism import use_deterministic_algorithms
 from launcher.parallel.fsdp import check_distributed
 
 
 def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective_timeout: float | None = None,
-                     init_timeout: float | None = None, **kwargs: Any) -> Accelerator:
+                     init_timeout: float | None = None, deterministic: bool = False, **kwargs: Any) -> Accelerator:
     """The Accelerator `fit` expects; mixed precision and topology come from `accelerate launch`.
 
     - On a machine without a GPU, or when asked for (`ACCELERATE_USE_CPU`, as cpu.yaml's `use_cpu: true`
@@ -35,7 +36,11 @@ def make_accelerator(*, grad_accum: int = 1, seed: int | None = None, collective
       bounds each training step once `fit` runs (launcher.faults.watchdog; `fit` reads both from the returned
       accelerator's `launcher_timeouts`). On GPUs the NCCL watchdog / flight-recorder variables of
       `launcher.faults.watchdog.nccl_environment` are set unless already set.
+    - `deterministic`: deterministic kernels, cuDNN and cuBLAS settings (launcher.loop.determinism), set
+      before anything touches the GPU; what a GPU run needs to repeat itself bit for bit.
     """
+    if deterministic:
+        use_deterministic_algorithms()
     timeouts = _timeouts(Timeouts(), collective_timeout, init_timeout)
     kwargs.setdefault("cpu", use_cpu())
     if not any(isinstance(h, InitProcessGroupKwargs) for h in kwargs.get("kwargs_handlers", ())):
@@ -54,10 +59,12 @@ def _timeouts(base: Timeouts, collective: float | None, init: float | None) -> T
     return Timeouts(base.collective if collective is None else collective, base.init if init is None else init)
 
 
-def start_process_group(*, collective_timeout: float | None = None, init_timeout: float | None = None
-                        ) -> PartialState:
+def start_process_group(*, collective_timeout: float | None = None, init_timeout: float | None = None,
+                        deterministic: bool = False) -> PartialState:
     """Join the process group the way make_accelerator would, for work that must happen before the
     Accelerator is built (rank 0 choosing the checkpoint whose config decides grad_accum, say)."""
+    if deterministic:
+        use_deterministic_algorithms()  # before the group touches the GPU: cuBLAS reads its variable once
     timeouts = _timeouts(Timeouts(), collective_timeout, init_timeout)
     cpu = use_cpu()
     _prepare_process_group(cpu, timeouts)
