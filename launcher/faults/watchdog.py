@@ -184,7 +184,12 @@ class Watchdog(NoWatchdog):
         if self._group is None:
             return 0
         try:
-            return self._store.add("compiling", change)
+            previous = self._store.timeout
+            self._store.set_timeout(timedelta(seconds=self.timeouts.grace))  # a frozen store host must not
+            try:                                                              # hold this thread past the bound
+                return self._store.add("compiling", change)
+            finally:
+                self._store.set_timeout(previous)
         except Exception:  # noqa: BLE001 - an unreachable store: the step bound applies
             return 0
 
