@@ -723,12 +723,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gpu = not probe.cpu
     # (name, seconds it needs at least, function), in order of value
+    # Findings with no CPU test first (bit-exactness, the watchdog on a GPU, compile), then the rest.
     plan = [("bf16", 60, probe.bf16), ("resnet", 60, probe.resnet), ("fsdp", 80, probe.fsdp),
-            ("fp16", 45, probe.fp16), ("hang", 30, probe.hang), ("hang-one", 25, probe.hang_one_process),
-            ("cpu-yaml", 30, probe.cpu_config), ("streaming", 30, probe.streaming), ("hf-half", 30, probe.hf_half)]
+            ("fp16", 45, probe.fp16), ("hang", 30, probe.hang), ("hang-one", 25, probe.hang_one_process)]
     if gpu:
         plan.append(("compile", 70, probe.compile))
-    plan += [("ddp", 60, probe.ddp)]
+    plan += [("cpu-yaml", 30, probe.cpu_config), ("streaming", 30, probe.streaming), ("hf-half", 30, probe.hf_half),
+             ("ddp", 60, probe.ddp)]
     if gpu:
         plan += [("throughput", 50, probe.throughput), ("gpu-check", 60, probe.gpu_check)]
     for name, needs, fn in plan:
