@@ -90,6 +90,9 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)",
                            relaunch="refuse-mid-epoch")
     max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (0 or omitted: no clipping)")
+    deterministic: bool = _opt(False, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
+                                      "deterministic without benchmark, CUBLAS_WORKSPACE_CONFIG): what makes a "
+                                      "GPU run and its resume repeat bit for bit; slower (docs/checkpoints.md)")
     # One seed for the split and the weights: a relaunch keeps it (the split must not move under a run).
     seed: int = _opt(0, "seed for weights, data order and the validation split", relaunch="fixed")
     # validation, early stopping, best checkpoint

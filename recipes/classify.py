@@ -43,6 +43,7 @@ from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.faults.lease import claim_for_ranks
 from launcher.faults.write_failures import main_writes
 from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
+from launcher.loop.determinism import determinism_settings
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
@@ -158,6 +159,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "val_samples": len(data.val),
         "effective_batch_size": config.batch_size * accelerator.num_processes * config.grad_accum,
         "torch": torch.__version__,
+        "determinism": determinism_settings(),  # what --deterministic set (or not), as the run trained
         **run_metadata(),  # git commit of the training code, SLURM job / array ids when present
     }
 
@@ -186,7 +188,8 @@ def train(argv: list[str] | None = None) -> None:
     given = parse_values(argv, description=__doc__)
     config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
     # The process group first (bounded by --init-timeout), so that rank 0 can decide for all.
-    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
+    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
+                                deterministic=config.deterministic)
     output_dir = setup_output_dir(config)
     # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
     lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
@@ -202,7 +205,8 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     """Everything after the output folder is claimed: relaunch rules, data, model, then fit."""
     config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed,
-                                   collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
+                                   collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
+                                   deterministic=config.deterministic)
     if checkpoint is not None and not config.eval_only:
         check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
     set_seed(config.seed)
