@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher.errors import EXIT_USAGE
 from launcher.tracking.wandb_records import find_run_files, read_run_file
-from tests.helpers import RECIPE, ROOT, read_metrics, run, wait_for
+from tests.helpers import RECIPE, ROOT, read_metrics, run, signal_tree, wait_for
 
 DIGITS_TRAIN = 1438  # digits' training split (val_fraction 0.2)
 
@@ -115,38 +116,56 @@ def test_an_eval_only_run_reaches_wandb_naming_its_checkpoint(trained):
     assert list(path.parent.glob("files/media/table/eval/confusion_matrix*.json"))
 
 
-@pytest.mark.slow
-def test_a_sweep_trial_launched_as_the_agent_does_it(tmp_path):
-    """wandb's own command construction (wandb_agent.Agent._command_run), underscore parameter names; then
-    the agent's early termination (SIGTERM) ends the run as stopped, not preempted."""
+def _agent_argv(sweep: dict, args: dict) -> list[str]:
+    """The command wandb's agent runs for one trial (wandb_agent.Agent._command_run), built by wandb's own code."""
     from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    command = {"args": {name: {"value": value} for name, value in args.items()}}
+    sweep_vars = sweep_utils.create_sweep_command_args(command)
+    sweep_vars.update(interpreter=["python"], program=[sweep["program"]], env=["/usr/bin/env"])
+    argv = []
+    for chunk in sweep_utils.create_sweep_command(list(sweep["command"])):
+        argv += sweep_vars.get(chunk[2:-1], []) if chunk.startswith("${") else [str(chunk)]
+    return argv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep_file,nproc", [("classify.yaml", 1), ("classify_ddp.yaml", 2)])
+def test_a_sweep_trial_launched_as_the_agent_does_it(tmp_path, sweep_file, nproc):
+    """The sweep files of docs/tracking.md, run as the agent runs them (underscore parameter names), from a
+    checkout's root; then the agent's early termination (SIGTERM) ends the run as stopped, not preempted."""
     from wandb.sdk.lib import config_util
 
-    sweep_id, run_id = "swp12345", "trial001"
-    command = {"args": {"batch_size": {"value": 32}, "lr": {"value": 0.003}, "epochs": {"value": 50},
-                        "save_every_steps": {"value": 3}, "streaming": {"value": False}}}
+    sweep = yaml.safe_load((ROOT / "recipes" / "sweeps" / sweep_file).read_text())
+    for folder in ("recipes", "accelerate_configs"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    # The sweep's own parameters (first value, lowest of a range), and enough epochs to be stopped mid-run.
+    params = {name: spec.get("value", spec.get("values", [spec.get("min")])[0])
+              for name, spec in sweep["parameters"].items()}
+    params.update(epochs=50, save_every_steps=3)
+    sweep_id, run_id = "swp12345", f"trial{nproc}"
     param_path = tmp_path / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
-    config_util.save_config_file_from_dict(str(param_path), command["args"])
-    sweep_vars = sweep_utils.create_sweep_command_args(command)
-    sweep_vars.update(interpreter=["python"], program=[str(RECIPE)], env=["/usr/bin/env"])
-    argv = []
-    for chunk in sweep_utils.create_sweep_command(["${env}", "${interpreter}", "${program}", "${args}"]):
-        argv += sweep_vars.get(chunk[2:-1], []) if chunk.startswith("${") else [chunk]
-    assert "--batch_size=32" in argv
+    config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
+    argv = _agent_argv(sweep, params)
+    assert f"--batch_size={params['batch_size']}" in argv
     env = _env(tmp_path, WANDB_SWEEP_ID=sweep_id, WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=str(param_path),
                WANDB_MODE="offline", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     out = tmp_path / "runs" / sweep_id / run_id
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        assert wait_for(lambda: any(out.glob("checkpoints/step-*/manifest.json")), 180, proc), proc.stdout.read()
-        proc.send_signal(signal.SIGTERM)  # what the agent's proc.terminate() sends
+        assert wait_for(lambda: any(out.glob("checkpoints/step-*/manifest.json")), 240, proc), proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)  # the agent's proc.terminate(): the top process only
         stdout, _ = proc.communicate(timeout=120)
     finally:
-        proc.kill()
-    assert proc.returncode == 75, stdout
+        signal_tree(proc.pid, signal.SIGKILL)
+    # Under accelerate launch, torchrun forwards the SIGTERM to the workers, waits for them (they save and
+    # finish the W&B run, exit 75) and exits 143 itself.
+    assert proc.returncode == (75 if nproc == 1 else 128 + signal.SIGTERM), stdout
     [path] = find_run_files(out / "wandb")
     wb = read_run_file(path)
-    assert wb.run_id == run_id and wb.config["batch_size"] == 32 and wb.config["lr"] == 0.003
+    assert wb.run_id == run_id and wb.config["world_size"] == nproc
+    assert {k: wb.config[k] for k in params} == params
     assert not [k for k in wb.config if "-" in k]  # one key per parameter
     assert not wb.preempting and wb.exit_code == 0 and wb.summary["stopped_by"] == "sweep agent"
 
