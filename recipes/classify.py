@@ -8,7 +8,7 @@
         --model hf:bert-base-uncased --lr 2e-5 --epochs 3         # transformers models: docs/hf.md
     python recipes/classify.py --help                           # every flag, with its default
 
-Outputs go to --output-dir (default runs/<time>): metrics.jsonl, config.json, checkpoints/, final/.
+Outputs go to --output-dir (default runs/<time>-<random>): metrics.jsonl, config.json, checkpoints/, final/.
 Run it again with the same --output-dir and it continues from the newest checkpoint (--resume auto).
 Copy this file and change it: the steps below run in dependency order, each a short function.
 """
