@@ -470,3 +470,11 @@ def test_recipe_killed_and_resumed_continues_the_same_run(tmp_path):
     assert steps == sorted(set(steps))
     rows = read_metrics(out)
     assert read_run_file(files[-1]).summary["best/val_accuracy"] == max(r["val_accuracy"] for r in rows)
+
+
+def test_a_checkpoint_downloaded_from_wandb_is_named_as_its_artifact():
+    from launcher.tracking.tracker import artifact_of
+
+    assert artifact_of(Path("/w/artifacts/model-abc123:v3/step-00000046")) == "model-abc123:v3"
+    assert artifact_of(Path("artifacts/model-abc123:best")) == "model-abc123:best"
+    assert artifact_of(Path("/w/runs/x/checkpoints/best")) is None
