@@ -8,7 +8,7 @@
         --model hf:bert-base-uncased --lr 2e-5 --epochs 3         # transformers models: docs/hf.md
     python recipes/classify.py --help                           # every flag, with its default
 
-Outputs go to --output-dir (default runs/<time>): metrics.jsonl, config.json, checkpoints/, final/.
+Outputs go to --output-dir (default runs/<time>-<random>): metrics.jsonl, config.json, checkpoints/, final/.
 Run it again with the same --output-dir and it continues from the newest checkpoint (--resume auto).
 Copy this file and change it: the steps below run in dependency order, each a short function.
 """
@@ -142,7 +142,8 @@ def setup_model(config: TrainConfig, accelerator: Accelerator, data: DataSplits)
     return model, outputs.shape[-1]
 
 
-def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, num_classes: int) -> dict:
+def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, model: torch.nn.Module,
+             num_classes: int) -> dict:
     procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return {
         "world_size": accelerator.num_processes,
@@ -158,6 +159,8 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "train_samples": len(data.train),
         "val_samples": len(data.val),
         "effective_batch_size": config.batch_size * accelerator.num_processes * config.grad_accum,
+        "model/num_parameters": sum(p.numel() for p in model.parameters()),  # HF Trainer's W&B key
+        "model/trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "torch": torch.__version__,
         "determinism": determinism_settings(),  # what --deterministic set (or not), as the run trained
         **run_metadata(),  # git commit of the training code, SLURM job / array ids when present
@@ -165,8 +168,10 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
 
 
 def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Path, data: DataSplits,
-                  model: torch.nn.Module, checkpoint: Path, num_classes: int) -> None:
-    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config."""
+                  model: torch.nn.Module, checkpoint: Path, num_classes: int, info: dict, trained: dict) -> None:
+    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config.
+
+    The scores also go to a W&B run of job type eval, which names the checkpoint and the training run."""
     load_weights(model, checkpoint)  # sharded or not, whatever world size wrote it: the whole model per process
     loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                          num_workers=config.num_workers, seed=config.seed)
@@ -182,6 +187,10 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
                                                      "class_names": list(data.class_names)})
         print(f"eval of {checkpoint}: val_loss {metrics.loss:.4f} val_accuracy {metrics.accuracy:.4f} "
               f"val_f1 {metrics.f1:.4f} on {metrics.samples} samples -> {output_dir / 'eval.json'}")
+    tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info, resume_run_id=None)
+    tracker.log_evaluation(metrics.as_row("val"), {"checkpoint": str(checkpoint.resolve()),
+                                                   "run_id": trained.get("extra", {}).get("wandb_run_id")})
+    tracker.finish([], 0)
 
 
 def train(argv: list[str] | None = None) -> None:
@@ -212,9 +221,9 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, accelerator, data)
-    info = run_info(config, accelerator, data, num_classes)
+    info = run_info(config, accelerator, data, model, num_classes)
     if config.eval_only:
-        run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes)
+        run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes, info, resumed)
         return
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=config.best_mode,

@@ -331,16 +331,23 @@ def _undecoded(ds: datasets.IterableDataset, convert: RowConverter) -> datasets.
 
 
 def _local_shards(root: Path) -> tuple[list[str], list[str]]:
-    """Training and validation shard files: train/*.parquet and validation/*.parquet (or .arrow)."""
-    def files(folder: Path) -> list[str]:
-        found = sorted(str(p) for p in folder.glob("*") if p.suffix in _FILE_BUILDERS)
-        return found if folder.is_dir() else []
+    """Training and validation shard files (*.parquet or *.arrow), found by datasets' own split patterns, so
+    every layout the non-streaming path reads streams too: train/ and validation/ folders, the Hub's
+    data/train-00000-of-00004.parquet, train-*.parquet at the top."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
 
-    train = files(root / "train")
-    val = next((files(root / name) for name in _VAL_DIRS if files(root / name)), [])
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
+    except Exception:  # noqa: BLE001 - datasets raises several kinds for "no data files here"
+        found = {}
+    splits = {str(name): [str(f) for f in files if Path(str(f)).suffix in _FILE_BUILDERS]
+              for name, files in found.items()}
+    train = sorted(splits.get("train", []))
+    val = sorted(next((splits[name] for name in _VAL_DIRS if splits.get(name)), []))
     if not train or not val:
         raise UsageError(f"--streaming {root}: expected shard files in {root}/train/ and {root}/validation/ "
-                         f"(*.parquet or *.arrow); found {len(train)} training and {len(val)} validation files")
+                         f"(or the Hub's {root}/data/train-00000-of-0000N.parquet; *.parquet or *.arrow); found "
+                         f"{len(train)} training and {len(val)} validation files")
     if len({Path(f).suffix for f in train}) > 1:
         raise UsageError(f"--streaming {root}/train mixes parquet and arrow files; use one format")
     return train, val
