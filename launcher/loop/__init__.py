@@ -6,13 +6,13 @@ the way a careful practitioner does: train()/eval() modes, no gradients in evalu
 accumulation through `accelerator.accumulate`, clipping on real optimizer steps, mixed precision from the
 accelerate config, LR scheduling, early stopping decided from all-reduced metrics (so every rank agrees).
 
-Nothing is read back to the host per step: losses and confusion counts accumulate on the device and are
+Nothing is read back to the host per step: losses and the task's statistics accumulate on the device and are
 read once per log interval and once per epoch. The only per-step collective is the preemption vote, which
 runs asynchronously on a CPU group (see launcher.faults.preemption).
 
 The package, one concern per module (a name is looked up, and so patched, in the module that uses it):
 - `accelerator`: make_accelerator, start_process_group, use_cpu;
-- `batches`: splitting a batch, the forward pass, per-sample losses, the valid samples of a last batch;
+- `batches`: splitting a batch, the forward pass, the task and a batch's losses, the valid samples of a last batch;
 - `evaluation`: evaluate;
 - `options`: fit's grouped options (Monitor, EarlyStopping, Checkpointing);
 - `steps`: the training step's functions and the micro-batches of an ElasticBatchSampler epoch;
@@ -26,11 +26,13 @@ from launcher.loop.accelerator import make_accelerator, start_process_group, use
 from launcher.loop.batches import (
     Batch,
     UnpackBatch,
+    batch_losses,
     default_unpack,
     forward,
     last_batch_remainder,
     logits_of,
     per_sample_loss_fn,
+    resolve_task,
     valid_in_batch,
 )
 from launcher.loop.evaluation import evaluate
@@ -50,6 +52,7 @@ __all__ = [
     "FitRun",
     "Preempted",
     "UnpackBatch",
+    "batch_losses",
     "default_unpack",
     "evaluate",
     "finished_reason",
@@ -62,6 +65,7 @@ __all__ = [
     "Monitor",
     "per_sample_loss_fn",
     "planned_steps",
+    "resolve_task",
     "should_save_step",
     "start_process_group",
     "use_cpu",
