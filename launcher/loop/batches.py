@@ -93,32 +93,33 @@ def batch_losses(task: Task, unpack: UnpackBatch, loss_fn: Callable | str | None
     """`(model, batch) -> BatchLoss`: what one batch costs, in the form the loop weighs and the statistics add.
 
     - the task's loss (the default): forward, then per-sample losses (or per-sample sums and token counts);
-    - `loss_fn='model'`: the labels go into the model (`model(**inputs, labels=targets)`, transformers'
-      convention) and its `outputs.loss`, a mean over samples (or over the task's valid tokens), is turned
-      back into a sum;
+    - `loss_fn='model'`: the labels go into the model (`model(**inputs, labels=targets)`, or
+      `model(inputs, labels=targets)` for one input: transformers' convention) and its `outputs.loss`, a
+      mean over samples (or over the task's valid tokens), is turned back into a sum;
     - `step(model, batch) -> StepOutput`: anything else (several outputs, several loss terms, contrastive).
     """
     if step is not None:
         def custom(model: Any, batch: Batch) -> BatchLoss:
             out = step(model, batch)
             if not isinstance(out, StepOutput):
-                raise TypeError(f"step must return launcher.tasks.StepOutput(loss_sum, count, outputs, targets), "
+                raise TypeError(f"step must return launcher.tasks.StepOutput(loss, count, outputs, targets), "
                                 f"not {type(out).__name__}")
-            if out.loss_sum.dim() != 0:
-                raise ValueError(f"StepOutput.loss_sum must be one number (the summed loss of the batch), got shape "
-                                 f"{tuple(out.loss_sum.shape)}")
-            count = torch.as_tensor(out.count, device=out.loss_sum.device)
-            return BatchLoss(out.loss_sum, count, out.outputs, out.targets)
+            loss = out.loss
+            if loss.dim() > 1:
+                raise ValueError(f"StepOutput.loss must be per-sample losses (N,) or one summed number, got shape "
+                                 f"{tuple(loss.shape)}")
+            if out.count is None:
+                if loss.dim() == 0:
+                    raise ValueError("StepOutput with a summed loss needs count= (how many items it sums over)")
+                return BatchLoss(loss, torch.ones_like(loss), out.outputs, out.targets)
+            return BatchLoss(loss, torch.as_tensor(out.count, device=loss.device), out.outputs, out.targets)
 
         custom.counts_items = True  # type: ignore[attr-defined]  # weighed by its count (loop.steps._CountWeights)
         return custom
     if loss_fn == "model":
         def own(model: Any, batch: Batch) -> BatchLoss:
             inputs, targets = unpack(batch)
-            if not isinstance(inputs, Mapping):
-                raise ValueError("loss_fn='model' needs batches whose inputs are a mapping (model(**inputs, "
-                                 "labels=targets)), as transformers' models take them")
-            raw = model(**inputs, labels=targets)
+            raw = model(**inputs, labels=targets) if isinstance(inputs, Mapping) else model(inputs, labels=targets)
             loss = raw.get("loss") if isinstance(raw, Mapping) else getattr(raw, "loss", None)
             if not isinstance(loss, torch.Tensor):
                 raise ValueError(f"loss_fn='model': the model returned no 'loss' ({type(raw).__name__}); give it "

@@ -10,7 +10,7 @@ A task (single-label, multi-label, regression, causal LM, or a user's) tells the
 - `metric_inputs(outputs, targets)`: what user metrics (torchmetrics) receive: e.g. probabilities and
   multi-hot targets, or predictions in the original units of a regression.
 
-A custom training step returns `StepOutput(loss_sum, count, outputs, targets)` instead (several model
+A custom training step returns `StepOutput(loss, count, outputs, targets)` instead (several model
 outputs, several loss terms, contrastive losses): the loop weighs it like a token-level loss.
 """
 
@@ -35,12 +35,17 @@ class BatchLoss(NamedTuple):
 
 @dataclass
 class StepOutput:
-    """What a custom step (`fit(step=...)`) returns: the loss summed over `count` items (samples, tokens,
-    pairs: the loop weighs every item of the optimizer step the same across processes and micro-batches),
-    and optionally the outputs and targets that the task's statistics and the user metrics receive."""
+    """What a custom step (`fit(step=...)`) returns.
 
-    loss_sum: torch.Tensor
-    count: torch.Tensor | int
+    loss: per-sample losses (N,) (best: the statistics then drop a padded last batch's repeats exactly), or
+        one number, the loss summed over `count` items (tokens, pairs, ...).
+    count: the items `loss` sums over (default: N, one per sample); the loop weighs every item of an
+        optimizer step the same across processes and micro-batches.
+    outputs, targets: what the task's statistics and the user metrics receive (optional for a LossTask).
+    """
+
+    loss: torch.Tensor
+    count: torch.Tensor | int | None = None
     outputs: Any = None
     targets: Any = None
 

@@ -64,7 +64,9 @@ class ConfusionStats:
                valid: int | None = None) -> None:
         """Add a batch. `valid` keeps only the first `valid` samples (the rest pad the last batch)."""
         if valid is not None and valid < targets.shape[0]:
-            per_sample_loss, logits, targets = per_sample_loss[:valid], logits[:valid], targets[:valid]
+            logits, targets = logits[:valid], targets[:valid]
+            if per_sample_loss.dim():  # a custom step's summed loss cannot drop the repeats
+                per_sample_loss = per_sample_loss[:valid]
         n = targets.shape[0]
         ones = self._ones.get(n)
         if ones is None:

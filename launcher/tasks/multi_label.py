@@ -26,8 +26,8 @@ class MultiLabelStats(TaskStats):
         self._fn, self._exact = self.buffer[2 + 2 * k: 2 + 3 * k], self.buffer[-1:]
 
     def _add(self, batch: BatchLoss) -> None:
-        predicted = batch.outputs.detach().reshape(batch.targets.shape[0], -1) > 0
-        actual = batch.targets.reshape(predicted.shape) > 0.5
+        actual = batch.targets > 0.5
+        predicted = batch.outputs.detach().reshape(actual.shape) > 0
         dtype = self.buffer.dtype
         self._tp.add_((predicted & actual).sum(dim=0, dtype=dtype))
         self._fp.add_((predicted & ~actual).sum(dim=0, dtype=dtype))

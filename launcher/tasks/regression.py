@@ -73,13 +73,12 @@ class Regression:
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _columns(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = targets.shape[0]
-        outputs, targets = outputs.reshape(n, -1), targets.reshape(n, -1)
-        if outputs.shape[1] != self.num_targets or targets.shape[1] != self.num_targets:
-            raise ValueError(f"regression with {self.num_targets} target(s) per sample got outputs of shape "
-                             f"{tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}; give the "
-                             f"model {targets.shape[1]} output(s) or Regression(num_targets={targets.shape[1]})")
-        return outputs, targets.to(outputs.dtype)
+        n, k = targets.shape[0], self.num_targets
+        if outputs.numel() != n * k or targets.numel() != n * k:
+            raise ValueError(f"regression with {k} target(s) per sample got outputs of shape {tuple(outputs.shape)} "
+                             f"and targets of shape {tuple(targets.shape)}; give the model as many outputs as "
+                             f"targets, and Regression(num_targets=) that number")
+        return outputs.reshape(n, k), targets.reshape(n, k).to(outputs.dtype)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         outputs, targets = self._columns(outputs, targets)
