@@ -186,3 +186,61 @@ def test_token_level_step_with_accumulation_and_2_processes_equals_one_process_o
     tasks_job.set_seed(0)
     fresh = tasks_job.TinyLM().state_dict()
     assert any(not torch.allclose(torch.tensor(one[k]), fresh[k]) for k in one)
+
+
+# --- tied weights ---
+
+class TiedLM(tasks_job.TinyLM):
+    """GPT-2's tie_word_embeddings: the output head is the embedding matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.head.weight = self.embed.weight
+
+
+def _train_tied(out, resume=None):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from launcher import CausalLM, Checkpointing
+    from launcher.data import TensorBatchedDataset, make_loader
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    ids, labels = tasks_job.lm_data(48, seed=6)
+    tasks_job.set_seed(0)
+    model = TiedLM()
+    fit(model, torch.optim.AdamW(model.parameters(), lr=1e-2), make_loader(TensorBatchedDataset(ids, labels), 8,
+                                                                           shuffle=True, seed=1),
+        make_loader(TensorBatchedDataset(ids[:16], labels[:16]), 8, shuffle=False), epochs=2, task=CausalLM(),
+        checkpointing=Checkpointing(out, save_every_steps=4, keep_last=10, resume_from=resume), progress=False)
+    return model
+
+
+def test_tied_weights_checkpoint_resume_bit_identical_and_export(tmp_path):
+    from safetensors.torch import load_file
+
+    from launcher.checkpoint.export import export_main
+
+    clean = _train_tied(tmp_path / "clean")
+    resumed = _train_tied(tmp_path / "resumed", resume=tmp_path / "clean" / "checkpoints" / "step-00000004")
+    assert resumed.head.weight is resumed.embed.weight  # still tied after loading the checkpoint
+    for (name, a), b in zip(clean.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    last = tmp_path / "clean" / "checkpoints" / "step-00000012"
+    assert export_main([str(last), str(tmp_path / "w.safetensors")]) == 0
+    fresh = TiedLM()
+    fresh.load_state_dict(load_file(str(tmp_path / "w.safetensors")), strict=True)
+    assert torch.equal(fresh.embed.weight, clean.embed.weight) and fresh.head.weight is fresh.embed.weight
+
+
+def test_a_write_failure_names_its_cause_and_mentions_space_only_for_a_full_disk(tmp_path):
+    import errno
+
+    from launcher.faults.write_failures import write_failed
+
+    denied = str(write_failed(PermissionError(errno.EACCES, "Permission denied"), tmp_path, "checkpoint"))
+    assert "permission denied" in denied and "space" not in denied
+    full = str(write_failed(OSError(errno.ENOSPC, "No space left on device"), tmp_path, "checkpoint"))
+    assert "no space left on device" in full and "free space" in full
+    shared = str(write_failed(RuntimeError("Some tensors share memory"), tmp_path, "checkpoint"))
+    assert "RuntimeError: Some tensors share memory" in shared and "space" not in shared.replace("share memory", "")
