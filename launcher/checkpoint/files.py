@@ -87,3 +87,18 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -
             storages.add(storage)
         tensors[name] = tensor
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_parquet_atomic(path: Path, columns: dict[str, list]) -> None:
+    """A table of plain columns as parquet, written whole or not at all (temp file, fsync, rename)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(pa.table(columns), tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

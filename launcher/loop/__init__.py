@@ -14,6 +14,7 @@ The package, one concern per module (a name is looked up, and so patched, in the
 - `accelerator`: make_accelerator, start_process_group, use_cpu;
 - `batches`: splitting a batch, the forward pass, the task and a batch's losses, the valid samples of a last batch;
 - `evaluation`: evaluate;
+- `prediction`: predict (batch inference, every sample once, in dataset order);
 - `options`: fit's grouped options (Monitor, EarlyStopping, Checkpointing);
 - `steps`: the training step's functions and the micro-batches of an ElasticBatchSampler epoch;
 - `state`: FitRun, the per-`fit` state;
@@ -38,6 +39,7 @@ from launcher.loop.batches import (
 from launcher.loop.evaluation import evaluate
 from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import Diverged, finite_or_none
+from launcher.loop.prediction import predict
 from launcher.loop.outputs import _json_line as _json_line
 from launcher.loop.resume import finished_reason, planned_steps
 from launcher.loop.state import FitRun
@@ -65,6 +67,7 @@ __all__ = [
     "Monitor",
     "per_sample_loss_fn",
     "planned_steps",
+    "predict",
     "resolve_task",
     "should_save_step",
     "start_process_group",

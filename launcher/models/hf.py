@@ -92,6 +92,8 @@ def load_model(name: str, data: Any, notice: Callable[[str], None] = print) -> t
         with _quiet():
             model, info = auto.from_pretrained(
                 name, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+                # transformers' own name for the task, so final/hf/ round-trips (pipelines, its own loss)
+                problem_type=getattr(data, "problem_type", "single_label_classification"),
                 ignore_mismatched_sizes=True, output_loading_info=True)
     except ValueError as error:  # a config class this auto class does not know
         raise UsageError(f"--model hf:{name} is a {config.model_type} model, which transformers cannot build "

@@ -162,6 +162,8 @@ class SingleLabelClassification:
         return (f"train_loss {row['train_loss']:.4f} train_acc {row['train_accuracy']:.4f} | "
                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} val_f1 {row['val_f1']:.4f}")
 
-    def predict(self, outputs: torch.Tensor) -> dict:
-        probabilities = outputs.float().softmax(dim=-1)
-        return {"prediction": probabilities.argmax(dim=-1), "probabilities": probabilities}
+    def prediction_rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, list]:
+        """One row per sample: the class id, the predicted class id and the class probabilities."""
+        probabilities = outputs.detach().double().softmax(dim=-1)
+        return {"label": targets.tolist(), "prediction": probabilities.argmax(dim=-1).tolist(),
+                "probabilities": probabilities.tolist()}

@@ -82,6 +82,9 @@ class MultiLabelClassification:
                 f"{row['val_loss']:.4f} val_f1_micro {row['val_f1_micro']:.4f} val_f1_macro "
                 f"{row['val_f1_macro']:.4f} val_exact_match {row['val_exact_match']:.4f}")
 
-    def predict(self, outputs: torch.Tensor) -> dict:
-        probabilities = outputs.detach().float().sigmoid()
-        return {"prediction": probabilities > 0.5, "probabilities": probabilities}
+    def prediction_rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, list]:
+        """One row per sample: the true and the predicted class ids (lists), and each label's probability."""
+        predicted = outputs.detach() > 0
+        ids = lambda hot: [torch.nonzero(row).flatten().tolist() for row in hot]  # noqa: E731
+        return {"label": ids(targets > 0.5), "prediction": ids(predicted),
+                "probabilities": outputs.detach().double().sigmoid().tolist()}

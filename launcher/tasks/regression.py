@@ -112,8 +112,9 @@ class Regression:
                 f"{row['val_loss']:.4f} val_mae {row['val_mae']:.4f} val_rmse {row['val_rmse']:.4f} "
                 f"val_r2 {row['val_r2']:.4f}")
 
-    def predict(self, outputs: torch.Tensor) -> dict:
-        n = outputs.shape[0]
-        values = outputs.detach().reshape(n, -1).double() * self.target_std.to(outputs.device) \
-            + self.target_mean.to(outputs.device)
-        return {"prediction": values[:, 0] if self.num_targets == 1 else values}
+    def prediction_rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, list]:
+        """One row per sample: the target and the prediction in the original units (a list for several)."""
+        predictions, targets = self.original_units(outputs, targets)
+        if self.num_targets == 1:
+            predictions, targets = predictions[:, 0], targets[:, 0]
+        return {"label": targets.tolist(), "prediction": predictions.tolist()}
