@@ -1,5 +1,5 @@
 """The recipe on each problem type: the type detected from the label column, trained in 2 processes, its
-checkpoint evaluated on 1, 2 and 3 processes with the same metrics, and --predictions recomputed with
+checkpoint evaluated on 1 and 3 processes with the same metrics, and --predictions recomputed with
 scikit-learn giving the reported metrics; bad input in one line."""
 
 import json
@@ -40,12 +40,13 @@ COMMON = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-2"]
 
 @pytest.fixture(scope="module", params=["regression", "multi_label"])
 def evaluated(request, data, tmp_path_factory):
-    """One training run in 2 processes, then --eval-only --predictions of its checkpoint on 1, 2, 3 processes."""
+    """One training run in 2 processes (its last validation: the 2-process evaluation), then --eval-only
+    --predictions of its checkpoint on 1 and 3 processes."""
     dataset = data / ("diabetes.csv" if request.param == "regression" else "multi")
     out = tmp_path_factory.mktemp(request.param)
     trained = run(["--dataset", str(dataset), "--output-dir", str(out / "train"), *COMMON], nproc=2)
     evals = {}
-    for nproc in (1, 2, 3):
+    for nproc in (1, 3):
         target = out / f"eval{nproc}"
         run(["--dataset", str(dataset), "--eval-only", "--resume", str(out / "train" / "checkpoints" / "best"),
              "--output-dir", str(target), "--predictions", str(target / "predictions.parquet")], nproc=nproc)
@@ -70,14 +71,16 @@ def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_gi
     assert f"problem type: {expected_type} (" in stdout
     assert rows and (kind != "regression" or not any("accuracy" in k for k in rows[-1]))  # never for a regression
     one, predictions = evals[1]
-    for nproc in (2, 3):
+    for nproc in (3,):
         _close(evals[nproc][0], one)
         assert evals[nproc][1]["index"].tolist() == predictions["index"].tolist()
     n = one["val_samples"]
     assert predictions["index"].tolist() == list(range(n))  # every sample once, in the split's order
     assert one["problem_type"] == expected_type
-    # the last epoch's validation is the checkpoint's evaluation
-    assert one["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-6)
+    # the last epoch's validation (2 processes) is the checkpoint's evaluation on 1 and 3
+    for key, value in one.items():
+        if key.startswith("val_") and isinstance(value, float):
+            assert value == pytest.approx(rows[-1][key], rel=1e-6), key
     if kind == "regression":
         y, p = predictions["label"].to_numpy(), predictions["prediction"].to_numpy()
         assert one["val_loss"] == pytest.approx(skm.mean_squared_error(y, p), rel=1e-9)
