@@ -3,6 +3,7 @@ checkpoint evaluated on 1 and 3 processes with the same metrics, and --predictio
 scikit-learn giving the reported metrics; bad input in one line."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -14,7 +15,19 @@ from sklearn import metrics as skm
 from sklearn.datasets import load_diabetes
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from tests.helpers import RECIPE, ROOT, make_env, run
+from tests.helpers import (
+    RECIPE,
+    ROOT,
+    assert_same_weights,
+    comparable,
+    final_weights,
+    make_env,
+    read_metrics,
+    run,
+    signal_tree,
+    start,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,8 @@ def data(tmp_path_factory):
     return folder
 
 
-COMMON = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-2"]
+# 3 epochs of ~23 steps on 2 processes, a checkpoint every 5: long enough to be killed mid-run.
+COMMON = ["--epochs", "3", "--batch-size", "8", "--lr", "1e-2", "--save-every-steps", "5", "--keep-last", "2"]
 
 
 @pytest.fixture(scope="module", params=["regression", "multi_label"])
@@ -53,7 +67,7 @@ def evaluated(request, data, tmp_path_factory):
         evals[nproc] = (json.loads((target / "eval.json").read_text()),
                         pd.read_parquet(target / "predictions.parquet"))
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-    return request.param, trained.stdout, rows, evals
+    return request.param, trained.stdout, rows, evals, dataset, out / "train"
 
 
 def _close(a, b):
@@ -66,7 +80,7 @@ def _close(a, b):
 
 @pytest.mark.slow
 def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_give_its_metrics(evaluated):
-    kind, stdout, rows, evals = evaluated
+    kind, stdout, rows, evals, _, _ = evaluated
     expected_type = {"regression": "regression", "multi_label": "multi_label_classification"}[kind]
     assert f"problem type: {expected_type} (" in stdout
     assert rows and (kind != "regression" or not any("accuracy" in k for k in rows[-1]))  # never for a regression
@@ -94,6 +108,24 @@ def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_gi
         assert one["val_f1_macro"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0), rel=1e-9)
         assert one["val_exact_match"] == pytest.approx(skm.accuracy_score(y, p), rel=1e-9)
         assert len(predictions["probabilities"][0]) == 4
+
+
+@pytest.mark.slow
+def test_each_problem_type_resumes_bit_identical_after_sigkill(evaluated, tmp_path):
+    """Killed after its first checkpoint, resumed with --resume auto: the weights and every metrics row of
+    the uninterrupted run (the task's partial-epoch statistics are in the checkpoint)."""
+    _, _, _, _, dataset, clean = evaluated
+    args = ["--dataset", str(dataset), "--output-dir", str(tmp_path), *COMMON]
+    proc = start(args, nproc=2)
+    reached = wait_for(lambda: (tmp_path / "checkpoints").exists() and any(
+        p.name.startswith("step-") for p in (tmp_path / "checkpoints").iterdir()), timeout=120, proc=proc)
+    signal_tree(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=120)
+    assert reached and proc.returncode != 0, output[-3000:]
+    result = run(args, nproc=2)
+    assert "resumed from" in result.stdout
+    assert_same_weights(final_weights(tmp_path), final_weights(clean))
+    assert comparable(read_metrics(tmp_path)) == comparable(read_metrics(clean))
 
 
 BAD = [
