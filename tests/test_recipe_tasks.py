@@ -67,6 +67,8 @@ def evaluated(request, data, tmp_path_factory):
         evals[nproc] = (json.loads((target / "eval.json").read_text()),
                         pd.read_parquet(target / "predictions.parquet"))
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    best = json.loads((out / "train" / "checkpoints" / "best" / "trainer_state.json").read_text())["best_epoch"]
+    rows = [r for r in rows if r["epoch"] <= best]  # rows[-1]: the epoch checkpoints/best holds
     return request.param, trained.stdout, rows, evals, dataset, out / "train"
 
 
@@ -91,7 +93,7 @@ def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_gi
     n = one["val_samples"]
     assert predictions["index"].tolist() == list(range(n))  # every sample once, in the split's order
     assert one["problem_type"] == expected_type
-    # the last epoch's validation (2 processes) is the checkpoint's evaluation on 1 and 3
+    # the best epoch's validation (2 processes) is its checkpoint's evaluation on 1 and 3
     for key, value in one.items():
         if key.startswith("val_") and isinstance(value, float):
             assert value == pytest.approx(rows[-1][key], rel=1e-6), key

@@ -159,6 +159,11 @@ class Task(Protocol):
 
     def metric_inputs(self, outputs: Any, targets: Any) -> tuple[Any, Any]: ...
 
+    def summary(self, row: dict) -> str: ...
+
+    # Optional, for launcher.loop.predict (--predictions): prediction_rows(outputs, targets) -> dict of
+    # per-sample lists ("label", "prediction", "probabilities").
+
 
 def per_sample(losses: torch.Tensor) -> torch.Tensor:
     """One loss per sample from an unreduced loss of any shape (N,), (N, 1), (N, K), ...: the mean over

@@ -458,6 +458,10 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
         log.warning("W&B: no credentials found, so this run logs offline to %s; upload it later with "
                     "`wandb sync %s` (or set WANDB_API_KEY / `wandb login` to log online)",
                     run.settings.sync_dir, Path(run.settings.sync_dir).parent / f"offline-run-*-{run_id}")
-    return WandbTracker(run, wandb, history=history, best_metric=config.best_metric, best_mode=config.best_mode,
+    # The recipe resolves --best-metric for its task before this; a caller that did not gets the
+    # single-label default (the metric of each problem type: launcher.tasks, Monitor.resolve).
+    best_metric = config.best_metric or "val_accuracy"
+    best_mode = config.best_mode or ("min" if best_metric in ("val_loss", "val_mae", "val_rmse") else "max")
+    return WandbTracker(run, wandb, history=history, best_metric=best_metric, best_mode=best_mode,
                         class_names=run_info.get("class_names"), logged_epoch=logged_epoch,
                         logged_step=logged_step)
