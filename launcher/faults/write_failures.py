@@ -61,8 +61,11 @@ def cause_of(err: BaseException, path: Path) -> str:
 
 def write_failed(err: BaseException, path: Path, what: str) -> WriteFailed:
     """The one-line error for a failed write of `what` under `path` (call it before cleaning up)."""
-    return WriteFailed(f"cannot write {what} to {path}: {cause_of(err, path)} (filesystem {mount_point(path)}); "
-                       f"every earlier checkpoint is intact: free space or fix the folder, then run the same "
+    cause = cause_of(err, path)
+    # Only a full disk or quota is fixed by freeing space; any other cause (a bug, a permission) says itself.
+    fix = "free space" if cause in ("no space left on device", "disk quota exceeded") else "fix the cause above"
+    return WriteFailed(f"cannot write {what} to {path}: {cause} (filesystem {mount_point(path)}); "
+                       f"every earlier checkpoint is intact: {fix}, then run the same "
                        f"command again (--resume auto continues from the newest checkpoint)")
 
 

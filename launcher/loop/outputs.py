@@ -19,7 +19,7 @@ from launcher.checkpoint.sharded import full_model_state, is_sharded_model, save
 from launcher.errors import EXIT_DIVERGED
 from launcher.faults.write_failures import main_writes
 from launcher.loop.state import FitRun
-from launcher.tasks.classification import ConfusionStats
+from launcher.tasks.base import TaskStats
 
 
 class Diverged(SystemExit):
@@ -58,13 +58,13 @@ def _weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
     return not bad.item()
 
 
-def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
+def _check_finite_local(run: FitRun, stats: TaskStats) -> None:
     """The training loss so far, agreed across ranks (one tiny all-reduce; only where the loop syncs anyway)."""
-    bad = (~torch.isfinite(stats.buffer[-1:])).to(stats.buffer.dtype)
+    bad = (~torch.isfinite(stats.loss_view)).to(stats.buffer.dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     if bad.item():
-        local = stats.buffer[-1].item()
+        local = stats.loss_view.item()
         _check_finite(run, {"training": local if not math.isfinite(local) else "not finite on another process"})
 
 

@@ -26,7 +26,7 @@ from launcher.errors import UsageError
 from launcher.loop.outputs import _rewrite_metrics, _write_final
 from launcher.loop.state import FitRun
 from launcher.schedulers import replan
-from launcher.tasks.classification import ConfusionStats
+from launcher.tasks.base import sum_state_dicts
 
 
 def _resume(run: FitRun, path: Path) -> None:
@@ -97,7 +97,7 @@ def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | 
     if state.samples_done:
         # The saved per-rank statistics are summed into rank 0's, so the epoch's all-reduce counts each once.
         saved = [s for s in read_trainer_state(path).get("train_stats") or [] if s is not None]
-        stats = _sum_stats(saved, run.num_classes) if acc.is_main_process and saved else None
+        stats = sum_state_dicts(saved) if acc.is_main_process and saved else None
     if rng is None:
         # A rank the checkpoint did not have: a stream derived from the checkpoint's rank 0 and this rank.
         set_seed(_derived_seed(path, acc.process_index))
@@ -109,16 +109,6 @@ def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | 
               f"seen exactly once")
     state.batches_done = -(-state.samples_done // new)  # per process, for display only
     return stats, rng
-
-
-def _sum_stats(saved: list[dict], num_classes: int) -> dict:
-    """ConfusionStats.state_dict()s of several ranks added together."""
-    total = ConfusionStats(num_classes, torch.device("cpu"))
-    for state in saved:
-        part = ConfusionStats(num_classes, torch.device("cpu"))
-        part.load_state_dict(state)
-        total.buffer.add_(part.buffer)
-    return total.state_dict()
 
 
 def _derived_seed(path: Path, rank: int) -> int:
