@@ -20,6 +20,7 @@ from launcher.checkpoint.layout import (
     plain_state_dict,
     validate,
 )
+from launcher.checkpoint.rank_state import read_rank_rng, read_stats
 from launcher.errors import UsageError
 
 
@@ -139,17 +140,24 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, sched
     if scaler is not None and (path / "scaler.pt").exists():
         scaler_state = _torch_load(path / "scaler.pt")
         _check_same_keys("scaler.pt", scaler.state_dict(), scaler_state)
+    state, stats = trainer_state_of(path, rank)
+    try:
+        rng = read_rank_rng(path, rank, load=_torch_load)  # this rank's file only
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
+    return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
+                            scaler=scaler_state, state=state, rng=rng, stats=stats)
+
+
+def trainer_state_of(path: Path, rank: int) -> tuple[TrainerState, dict | None]:
+    """The checkpoint's TrainerState and this rank's share of its partial-epoch statistics."""
     try:
         raw = read_trainer_state(path)
-        rank_stats = raw.pop("train_stats") or []
-        known = set(TrainerState.__dataclass_fields__)
-        state = TrainerState(**{k: v for k, v in raw.items() if k in known})
+        stats = read_stats(raw, rank)
+        known = set(TrainerState.__dataclass_fields__) - {"train_stats"}
+        return TrainerState(**{k: v for k, v in raw.items() if k in known}), stats
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CheckpointMismatch(f"{TRAINER_STATE} does not hold a trainer state ({err})") from None
-    ranks = _torch_load(path / "rng.pt")["ranks"]
-    return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
-                            scaler=scaler_state, state=state, rng=ranks[rank] if rank < len(ranks) else None,
-                            stats=rank_stats[rank] if rank < len(rank_stats) else None)
 
 
 def apply_checkpoint(loaded: LoadedCheckpoint, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,

@@ -21,12 +21,12 @@ from launcher.checkpoint import (
     read_trainer_state,
     restore_rng,
 )
+from launcher.checkpoint.rank_state import read_rank_rng, sum_saved
 from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, is_sharded_model, load_sharded
 from launcher.errors import UsageError
 from launcher.loop.outputs import _rewrite_metrics, _write_final
 from launcher.loop.state import FitRun
 from launcher.schedulers import replan
-from launcher.tasks.classification import ConfusionStats
 
 
 def _resume(run: FitRun, path: Path) -> None:
@@ -95,9 +95,8 @@ def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | 
     the ranks' random streams differ). Returns this rank's (partial-epoch statistics, RNG state)."""
     acc, sampler = run.accelerator, run.train_sampler
     if state.samples_done:
-        # The saved per-rank statistics are summed into rank 0's, so the epoch's all-reduce counts each once.
-        saved = [s for s in read_trainer_state(path).get("train_stats") or [] if s is not None]
-        stats = _sum_stats(saved, run.num_classes) if acc.is_main_process and saved else None
+        # The saved statistics, summed, go to rank 0, so the epoch's all-reduce counts each once.
+        stats = sum_saved(read_trainer_state(path)) if acc.is_main_process else None
     if rng is None:
         # A rank the checkpoint did not have: a stream derived from the checkpoint's rank 0 and this rank.
         set_seed(_derived_seed(path, acc.process_index))
@@ -111,20 +110,9 @@ def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | 
     return stats, rng
 
 
-def _sum_stats(saved: list[dict], num_classes: int) -> dict:
-    """ConfusionStats.state_dict()s of several ranks added together."""
-    total = ConfusionStats(num_classes, torch.device("cpu"))
-    for state in saved:
-        part = ConfusionStats(num_classes, torch.device("cpu"))
-        part.load_state_dict(state)
-        total.buffer.add_(part.buffer)
-    return total.state_dict()
-
-
 def _derived_seed(path: Path, rank: int) -> int:
-    ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
     generator = torch.Generator()
-    generator.set_state(ranks[0]["torch"])
+    generator.set_state(read_rank_rng(path, 0)["torch"])
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) + rank
 
 

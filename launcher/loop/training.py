@@ -329,9 +329,8 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             bar.close()
             return False
         if should_save_step(state.global_step, run.save_every_steps):
-            _check_finite_local(run, stats)  # a checkpoint of diverged weights would be resumed
             clock.snapshot(stats)
-            _save(run, reason="step")
+            _save(run, reason="step", stats=stats)  # checks the loss so far: diverged weights are never saved
     bar.close()
     run.train_metrics = stats.reduce()
     clock.snapshot(None)
