@@ -65,10 +65,12 @@ from launcher.checkpoint.layout import (
     list_checkpoints,
     plain_state_dict,
     validate,
+    validated_once,
 )
 from launcher.checkpoint.loading import (
     LoadedCheckpoint,
     apply_checkpoint,
+    check_fits,
     check_optimizer_state,
     check_weights,
     load_checkpoint,
@@ -99,6 +101,7 @@ __all__ = [
     "append_line_durable",
     "apply_checkpoint",
     "capture_rng",
+    "check_fits",
     "check_optimizer_state",
     "check_weights",
     "checkpoint_name",
@@ -117,6 +120,7 @@ __all__ = [
     "restore_rng",
     "save_weights",
     "validate",
+    "validated_once",
     "write_json_atomic",
     "write_text_atomic",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from launcher.checkpoint.layout import (
@@ -123,11 +124,27 @@ def _torch_load(path: Path, **kw: Any) -> Any:
         raise CheckpointMismatch(f"cannot load {path.name}: {str(err).splitlines()[0]}") from None
 
 
+def check_fits(path: Path, *, model: torch.nn.Module, optimizer: Any) -> None:
+    """Whether the checkpoint's weights and optimizer state fit `model` and `optimizer`, from the safetensors
+    header and a memory-mapped optimizer.pt: names and shapes only, no tensor data read. Raises
+    CheckpointError (CheckpointMismatch: valid, but does not fit)."""
+    file = Path(path) / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+    check_weights(model, plain_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}))
+    check_optimizer_state(optimizer, _torch_load(Path(path) / "optimizer.pt", mmap=True, map_location="cpu"))
+
+
 def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
-                    scaler: Any = None, rank: int = 0) -> LoadedCheckpoint:
+                    scaler: Any = None, rank: int = 0, verify: bool = True) -> LoadedCheckpoint:
     """Read and check every file of the checkpoint against the (unwrapped) model, optimizer, scheduler and
-    scaler, changing none of them. Raises CheckpointError (CheckpointMismatch: valid, but does not fit)."""
-    validate(path)
+    scaler, changing none of them. Raises CheckpointError (CheckpointMismatch: valid, but does not fit).
+    `verify=False`: the manifest check (sizes, sha256) was done already (on rank 0, see loop.resume)."""
+    if verify:
+        validate(path)
     weights = read_weights(path)
     check_weights(model, weights)
     device = next(model.parameters()).device

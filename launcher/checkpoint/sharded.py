@@ -225,13 +225,14 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None, scaler: Any = None,
-                 rank: int = 0) -> tuple[TrainerState, dict | None, dict | None]:
+                 rank: int = 0, verify: bool = True) -> tuple[TrainerState, dict | None, dict | None]:
     """Load a sharded checkpoint into the prepared model (FSDP or plain) and its optimizer.
 
     Every rank calls this; DCP reads the slices each rank needs, whatever world size wrote them. Returns what
     launcher.checkpoint.load_checkpoint returns: the trainer state, this rank's RNG state and statistics.
     """
-    validate(path)
+    if verify:  # False: rank 0 checked the manifest already (launcher.loop.resume)
+        validate(path)
     optimizer = _torch_optimizer(optimizer)
     dcp = _dcp()
     shards = {"model": dcp.state_dict.get_model_state_dict(model),

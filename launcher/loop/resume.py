@@ -20,6 +20,7 @@ from launcher.checkpoint import (
     read_checkpoint,
     read_trainer_state,
     restore_rng,
+    validated_once,
 )
 from launcher.checkpoint.rank_state import read_rank_rng, sum_saved
 from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, is_sharded_model, load_sharded
@@ -30,21 +31,29 @@ from launcher.schedulers import replan
 
 
 def _resume(run: FitRun, path: Path) -> None:
-    """Load the checkpoint on every rank, all or nothing: every rank checks everything first, and only
-    when all ranks could (one all-gather) does any rank apply it."""
+    """Load the checkpoint on every rank, all or nothing: every rank checks what it read first, and only
+    when all ranks could (one all-reduce) does any rank apply it. Rank 0 alone checks the manifest (sizes,
+    sha256; not again when it chose this checkpoint itself), each rank reads the weights and its own files once."""
     acc = run.accelerator
     check_resume_format(path, sharded_run=is_sharded_model(run.model))
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
+        error = _validation_error(path) if acc.is_main_process else None
+        error = first_error(error)  # DCP's load is collective: every rank must know before it starts
+        if error is not None:
+            raise UsageError(f"cannot resume from {path}: {error}")
         state, rng, stats = load_sharded(path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-                                         scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index)
+                                         scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index,
+                                         verify=False)
     else:
         targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
                    "scheduler": scheduler, "scaler": acc.scaler}
         loaded, error = None, None
         try:
-            loaded = read_checkpoint(path, rank=acc.process_index, **targets)
-        except CheckpointError as err:
+            if acc.is_main_process:
+                validated_once(path)  # the other ranks read meanwhile; nothing is applied before the verdict
+            loaded = read_checkpoint(path, rank=acc.process_index, verify=False, **targets)
+        except (CheckpointError, UsageError, OSError) as err:  # unverified here: any damage, one verdict
             error = str(err)
         error = first_error(error)
         if error is not None:
@@ -86,6 +95,14 @@ def _resume(run: FitRun, path: Path) -> None:
         _rewrite_metrics(run.output_dir, run.state.history)
     acc.print(f"resumed from {path} (epoch {run.state.epoch + 1}, step {run.state.global_step}, "
               f"{run.state.batches_done} batches, {run.state.samples_done} samples into the epoch)")
+
+
+def _validation_error(path: Path) -> str | None:
+    try:
+        validated_once(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | None,
