@@ -24,6 +24,29 @@ def test_steps_in_fits_the_interval_and_stays_bounded():
     assert steps_in(2.0, 1.0, 0) == 1
 
 
+def test_cadence_grows_at_most_twofold_per_vote():
+    """One quick step must not push the next vote past the end of a short run."""
+    watch = PreemptionWatch(interval_s=3600.0)
+    try:
+        watch._distributed = True  # drive the cadence logic without peers: a vote of one
+        dist_all_reduce, seen = dist.all_reduce, []
+
+        class Done:
+            def wait(self):
+                pass
+
+        def one_rank(tensor, op=None, async_op=False):
+            seen.append(int(-tensor[1].item()))
+            return Done()
+        dist.all_reduce = one_rank
+        for _ in range(64):
+            watch.should_stop()
+    finally:
+        dist.all_reduce = dist_all_reduce
+        watch.close()
+    assert seen[:7] == [1, 2, 4, 8, 16, 32, 64], seen
+
+
 def _loop(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

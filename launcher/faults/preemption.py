@@ -6,10 +6,11 @@ SLURM (or a user) sends SIGUSR1 or SIGTERM; the handler only records it. At opti
 The vote is not taken at every step: at a thousand ranks an all-reduce per step can take longer than the step,
 and SLURM's warning comes minutes ahead (`--signal=USR1@120`). It is taken every `every` steps, a number the
 ranks agree on in the vote itself: each rank proposes how many of its steps fit into `interval_s` (measured
-since the previous vote) and the smallest proposal wins. The all-reduce starts asynchronously at one vote and is
-read at the next, so no step waits on it. A signal is therefore acted on at most two vote intervals (plus one
-step) after it arrives: with the default 2 s, within ~4 s plus a step of the slowest rank, far inside SLURM's
-grace time (docs/faults.md). Between votes `should_stop` is a counter decrement: no collective, no host sync.
+since the previous vote, at most twice the previous cadence) and the smallest proposal wins. The all-reduce
+starts asynchronously at one vote and is read at the next, so no step waits on it. A signal is therefore acted on
+at most two vote periods (plus one step) after it arrives: at a steady pace and the default 2 s, within ~4 s plus
+a step of the slowest rank, far inside SLURM's grace time (docs/faults.md). Between votes `should_stop` is a
+counter decrement: no collective, no host sync.
 
 On a gloo default group (CPU runs) the vote uses it; under NCCL it runs on the default group too, with a
 device tensor read one vote later (a stream sync every few seconds), so no extra process group is built.
@@ -79,8 +80,10 @@ class PreemptionWatch:
             flag, minus_every = self._vote.tolist()
             self._agreed, self.every = bool(flag), int(-minus_every)
         if not self._agreed:
-            proposal = 1 if self._last_vote is None else steps_in(self.interval_s, now - self._last_vote,
-                                                                    steps_since)
+            # At most double the cadence per vote: a pace measured over a few quick steps (or the first ones)
+            # must not push the next vote past the end of the run.
+            proposal = 1 if self._last_vote is None else min(
+                2 * self.every, steps_in(self.interval_s, now - self._last_vote, steps_since))
             self._vote.copy_(torch.tensor([1.0 if self.received is not None else 0.0, -float(proposal)]))
             self._pending = dist.all_reduce(self._vote, op=dist.ReduceOp.MAX, async_op=True)
             self.votes += 1
