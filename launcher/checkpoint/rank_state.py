@@ -45,9 +45,8 @@ def read_rank_rng(folder: Path, rank: int, load: Any = None) -> dict | None:
     """`rank`'s RNG states from a checkpoint (None when that rank did not exist); reads only its own file."""
     load = load or (lambda p: torch.load(p, weights_only=True))
     own = folder / rng_file(rank)
-    if rank > 0 and not own.is_file():
-        return None
-    saved = load(own if rank > 0 else folder / RNG_FILE)
+    # No file of its own: a rank this checkpoint did not have, or the older layout (rank 0's file held all).
+    saved = load(own if own.is_file() else folder / RNG_FILE)
     if "ranks" in saved:  # the older layout: every rank's states in rank 0's file
         ranks = saved["ranks"]
         return ranks[rank] if rank < len(ranks) else None
