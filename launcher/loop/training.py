@@ -37,7 +37,6 @@ from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import (
     Diverged,
     _check_finite,
-    _check_finite_local,
     _check_lease,
     _json_line,
     _rewrite_metrics,
@@ -350,9 +349,8 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             bar.close()
             return False
         if should_save_step(state.global_step, run.save_every_steps):
-            _check_finite_local(run, stats)  # a checkpoint of diverged weights would be resumed
             clock.snapshot(stats)
-            _save(run, reason="step")
+            _save(run, reason="step", stats=stats)  # checks the loss so far: diverged weights are never saved
     bar.close()
     run.train_metrics = stats.reduce()
     clock.snapshot(None)
