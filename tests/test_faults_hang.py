@@ -135,8 +135,9 @@ def test_one_process_whose_step_never_returns_ends_within_the_bound(tmp_path):
     assert proc.returncode not in (0, EXIT_USAGE, EXIT_PREEMPTED), output[-3000:]
     assert f"exit status {EXIT_HUNG}" in output, output[-3000:]  # the recipe's own; accelerate launch says 1
     assert seconds < COLLECTIVE_TIMEOUT + GRACE + 10, output[-3000:]  # + the steps before the 8th
-    # accelerate's simple launcher repeats the child's stderr in its own error: the same line, twice.
-    [line] = {line for line in output.splitlines() if "stopped making progress" in line}
+    # accelerate's simple launcher repeats the child's stderr in its own error (a CalledProcessError whose
+    # cause is printed as "RuntimeError: <the line>"): the same line, twice.
+    [line] = {line.removeprefix("RuntimeError: ") for line in output.splitlines() if "stopped making progress" in line}
     assert re.search(r"launcher: rank 0 on \S+ \(pid \d+\) stopped making progress", line), line
     assert "it is the only rank; its main thread is at " in line and "stuck_model.py" in line, line
 

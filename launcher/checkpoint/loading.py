@@ -21,7 +21,7 @@ from launcher.checkpoint.layout import (
     plain_state_dict,
     validate,
 )
-from launcher.checkpoint.rank_state import read_rank_rng, read_stats
+from launcher.checkpoint.rank_state import read_rank_file, read_stats
 from launcher.errors import UsageError
 
 
@@ -159,9 +159,11 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, sched
         _check_same_keys("scaler.pt", scaler.state_dict(), scaler_state)
     state, stats = trainer_state_of(path, rank)
     try:
-        rng = read_rank_rng(path, rank, load=_torch_load)  # this rank's file only
+        rng, own_stats, kept = read_rank_file(path, rank, load=_torch_load)  # this rank's file only
     except (KeyError, TypeError, AttributeError) as err:
         raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
+    if kept:  # this rank's own sums, as it had them: the same world size resumes bit-identical
+        stats = own_stats
     return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
                             scaler=scaler_state, state=state, rng=rng, stats=stats)
 

@@ -66,7 +66,7 @@ class CheckpointManager:
         """
         final = self.root / checkpoint_name(state.global_step)
         tmp = self._tmp(final)
-        mine = self._write_own_rng(tmp, final)  # before the reduction below: rank 0 commits after it
+        mine = self._write_own_rng(tmp, final, state.train_stats)  # before the reduction below: rank 0 commits after it
         stats, sums = reduce_with_flags(state.train_stats, [float(mine is not None), *flags])
         if check is not None:
             try:
@@ -84,12 +84,12 @@ class CheckpointManager:
         agree(failure)  # nobody goes on (or exits) before the checkpoint is complete on disk, or all stop
         return final
 
-    def _write_own_rng(self, tmp: Path, final: Path) -> RunStopped | None:
+    def _write_own_rng(self, tmp: Path, final: Path, stats: dict | None) -> RunStopped | None:
         """This rank's RNG states into the shared temp folder (every rank creates it: no collective before)."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            write_rank_rng(tmp, rank, capture_rng())
+            write_rank_rng(tmp, rank, capture_rng(), stats)
         except Exception as err:  # noqa: BLE001 - torch.save raises non-OSError types on a full disk
             return write_failed(err, self.root, f"checkpoint {final.name} (rank {rank}'s {rng_file(rank)})")
         return None

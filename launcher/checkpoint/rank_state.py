@@ -31,26 +31,37 @@ def rng_file(rank: int) -> str:
     return RNG_FILE if rank == 0 else f"rng-{rank:05d}.pt"
 
 
-def write_rank_rng(folder: Path, rank: int, state: dict) -> Path:
-    """This rank's RNG states, durably, into `folder` (the checkpoint's temp folder)."""
+def write_rank_rng(folder: Path, rank: int, state: dict, stats: dict | None = None) -> Path:
+    """This rank's RNG states and its own partial-epoch statistics, durably, into `folder` (the checkpoint's
+    temp folder). The statistics are kept per rank as well as summed: a resume on the same world size
+    restores each rank's own sums, so the epoch's totals are added in the same order as without the
+    interruption (bit-identical; the float sum of a sum is not)."""
     from launcher.checkpoint.files import _fsync_path
 
     path = folder / rng_file(rank)
-    torch.save({"rank": rank, "state": state}, path)
+    torch.save({"rank": rank, "state": state, "stats": stats}, path)
     _fsync_path(path)
     return path
 
 
 def read_rank_rng(folder: Path, rank: int, load: Any = None) -> dict | None:
     """`rank`'s RNG states from a checkpoint (None when that rank did not exist); reads only its own file."""
+    return read_rank_file(folder, rank, load)[0]
+
+
+def read_rank_file(folder: Path, rank: int, load: Any = None) -> tuple[dict | None, dict | None, bool]:
+    """(`rank`'s RNG states, its own partial-epoch statistics, whether the file holds them) from a
+    checkpoint; reads only its own file. Files written before the statistics were kept per rank say False."""
     load = load or (lambda p: torch.load(p, weights_only=True))
     own = folder / rng_file(rank)
     # No file of its own: a rank this checkpoint did not have, or the older layout (rank 0's file held all).
     saved = load(own if own.is_file() else folder / RNG_FILE)
     if "ranks" in saved:  # the older layout: every rank's states in rank 0's file
         ranks = saved["ranks"]
-        return ranks[rank] if rank < len(ranks) else None
-    return saved["state"] if saved.get("rank") == rank else None
+        return (ranks[rank] if rank < len(ranks) else None), None, False
+    if saved.get("rank") != rank:
+        return None, None, False
+    return saved["state"], saved.get("stats"), "stats" in saved
 
 
 def _flat(stats: dict | None, keys: list[str]) -> torch.Tensor:

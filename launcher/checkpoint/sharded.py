@@ -56,7 +56,7 @@ from launcher.checkpoint import (
     validate,
 )
 from launcher.checkpoint.loading import trainer_state_of
-from launcher.checkpoint.rank_state import STATS_REDUCED, read_rank_rng, reduce_with_flags, write_rank_rng
+from launcher.checkpoint.rank_state import STATS_REDUCED, read_rank_file, reduce_with_flags, write_rank_rng
 from launcher.errors import LeaseLost, RunStopped, UsageError
 from launcher.faults.write_failures import agree, write_failed
 
@@ -140,7 +140,8 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
         shards = {"model": dcp.state_dict.get_model_state_dict(model),
                   "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
         dcp.save(shards, checkpoint_id=tmp / DCP_DIR)  # FileSystemWriter fsyncs every file it writes
-        write_rank_rng(tmp, _rank(), capture_rng())  # each rank its own file; committed after the next agree
+        # each rank its own file (RNG and its own sums); committed after the next agree
+        write_rank_rng(tmp, _rank(), capture_rng(), state.train_stats)
         if os.environ.get(FAULT_ENV) == str(state.global_step) and _rank() == _world() - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: one rank dies with its shards written
         if manager.is_main:
@@ -245,7 +246,8 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, schedule
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     state, stats = trainer_state_of(path, rank)
-    return state, read_rank_rng(path, rank), stats
+    rng, own_stats, kept = read_rank_file(path, rank)
+    return state, rng, (own_stats if kept else stats)  # own sums: the same world size resumes bit-identical
 
 
 def check_resume_format(path: Path, *, sharded_run: bool) -> None:
