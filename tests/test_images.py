@@ -153,3 +153,21 @@ def test_recipe_trains_on_an_image_folder_with_augmentation_in_workers(tmp_path)
          "--num-workers", "2", "--image-size", "12", "--output-dir", str(out)], timeout=240)
     (row,) = read_metrics(out)
     assert row["epoch"] == 1 and 0.0 <= row["val_accuracy"] <= 1.0
+
+
+def test_a_folder_is_listed_once_and_listed_again_when_its_files_change(tmp_path, monkeypatch):
+    """The first process scans the class folders and keeps the listing in the datasets cache; the next one
+    (another rank, node or run) reads it and scans none, until a file is added, removed or renamed."""
+    root = write_folder(tmp_path / "imgs", 12, classes=3, noise=False)
+    scans = []
+    real = images._image_files
+    monkeypatch.setattr(images, "_image_files", lambda folder: scans.append(folder) or real(folder))
+    first = images.list_image_folder(root)
+    assert len(scans) == 3
+    again = images.list_image_folder(root)
+    assert len(scans) == 3, "the cached listing was not used"
+    assert again["train"]["image"] == first["train"]["image"] and again["train"]["label"] == first["train"]["label"]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "class1" / "new.png")
+    changed = images.list_image_folder(root)
+    assert len(scans) == 6 and changed.num_rows["train"] == 13
+    assert any(cell["path"].endswith("new.png") for cell in changed["train"]["image"])

@@ -14,6 +14,7 @@ index) alone, so neither the worker nor the rank that loads a sample changes wha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -63,23 +64,39 @@ def list_image_folder(root: Path) -> datasets.DatasetDict | None:
     if split_dirs and len(split_dirs) != len(top):
         return None  # split folders mixed with other folders: not a layout we can read unambiguously
     splits = {_SPLIT_DIRS[n.lower()]: p for n, p in split_dirs.items()} if split_dirs else {"train": root}
-    listed = {}
+    class_dirs = {}
     for split, folder in splits.items():
         classes = _subdirs(folder)
         if not classes:
             return None
+        class_dirs[split] = classes
+    cache = _listing_cache(root, splits, class_dirs)
+    cached = _read_listing(cache)
+    if cached is not None:
+        return _as_datasets(*cached)
+    listed = {}
+    for split, classes in class_dirs.items():
         listed[split] = {name: _image_files(path) for name, path in classes.items()}
         if any(files is None for files in listed[split].values()):
             return None
     names = sorted(set().union(*(set(c) for c in listed.values())))
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=names)})
-    out = {}
+    rows = {}
     for split, classes in listed.items():
         paths, labels = [], []
         for label, name in enumerate(names):
             files = sorted(classes.get(name, []))
             paths.extend(files)
             labels.extend([label] * len(files))
+        rows[split] = (paths, labels)
+    _write_listing(cache, names, rows)
+    return _as_datasets(names, rows)
+
+
+def _as_datasets(names: list[str], rows: dict[str, tuple[list[str], list[int]]]) -> datasets.DatasetDict:
+    """Undecoded image rows (path only) and their class ids, one Dataset per split."""
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=names)})
+    out = {}
+    for split, (paths, labels) in rows.items():
         image = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())],
                                            names=["bytes", "path"])
         table = pa.table({"image": image, "label": pa.array(labels, pa.int64())})
@@ -87,6 +104,55 @@ def list_image_folder(root: Path) -> datasets.DatasetDict | None:
         digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:32]
         out[split] = datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=digest)
     return datasets.DatasetDict(out)
+
+
+# The listing of a folder is kept in the datasets cache, keyed by the modification times of the folders
+# that hold the images: adding, removing or renaming a file changes its folder's mtime, so a stale listing
+# is never read. The first process (the recipe lists under main_process_first) scans the class folders and
+# writes it; every other rank, node and later run stats O(classes) folders and reads it memory-mapped,
+# instead of each of a thousand ranks scanning a million files on a shared filesystem.
+_LISTING_VERSION = 1
+
+
+def _listing_cache(root: Path, splits: dict[str, Path], class_dirs: dict[str, dict[str, Path]]) -> Path:
+    key = [str(_LISTING_VERSION), os.path.abspath(root), str(os.stat(root).st_mtime_ns)]
+    for split, folder in sorted(splits.items()):
+        key += [split, str(os.stat(folder).st_mtime_ns)]
+        key += [f"{name}:{os.stat(path).st_mtime_ns}" for name, path in sorted(class_dirs[split].items())]
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:32]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "launcher-image-listings" / f"{digest}.arrow"
+
+
+def _read_listing(cache: Path) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]] | None:
+    try:
+        with open(cache, "rb") as f:
+            table = pa.ipc.open_file(f).read_all()
+        meta = json.loads(table.schema.metadata[b"launcher"])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):  # missing, partial or foreign
+        return None
+    rows, at = {}, 0
+    paths, labels = table.column("path").to_pylist(), table.column("label").to_pylist()
+    for split, count in meta["splits"]:
+        rows[split] = (paths[at: at + count], labels[at: at + count])
+        at += count
+    return meta["names"], rows
+
+
+def _write_listing(cache: Path, names: list[str], rows: dict[str, tuple[list[str], list[int]]]) -> None:
+    """Best effort: a read-only or full cache only means the next process lists the folder itself."""
+    meta = {"names": names, "splits": [[split, len(paths)] for split, (paths, _) in rows.items()]}
+    table = pa.table({"path": pa.array([p for paths, _ in rows.values() for p in paths], pa.string()),
+                      "label": pa.array([x for _, labels in rows.values() for x in labels], pa.int64())})
+    table = table.replace_schema_metadata({"launcher": json.dumps(meta)})
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, cache)  # whole or not at all
+    except (OSError, pa.ArrowException):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _subdirs(folder: Path) -> dict[str, Path] | None:
