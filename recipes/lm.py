@@ -150,9 +150,10 @@ def load_causal_lm(name: str, model_config: str | None) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        if model_config is not None:
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_config))
-        return AutoModelForCausalLM.from_pretrained(name)
+        with hf._quiet():  # no load reports or progress bars
+            if model_config is not None:
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_config))
+            return AutoModelForCausalLM.from_pretrained(name)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model hf:{name}: cannot load a causal language model ({first})") from None
@@ -213,9 +214,9 @@ def train(argv: list[str] | None = None) -> None:
                                    collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
     set_seed(config.seed)
     tokenizer = setup_tokenizer(config)
+    model = setup_model(config, tokenizer)  # before the data: its position limit bounds --block-size
     data = setup_data(config, accelerator, tokenizer)
     accelerator.print(data.describe())
-    model = setup_model(config, tokenizer)
     optimizer = setup_optimizer(config, model)
     accelerator.print(describe_throughput(config, accelerator, model))
     model = train_and_validate(config, accelerator, model, optimizer, data)

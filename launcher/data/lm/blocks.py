@@ -17,7 +17,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from launcher.data.batched import BatchedDataset
 from launcher.data.lm import corpus
+from launcher.data.lm.tokenizers import ByteTokenizer
 from launcher.data.sources import FILE_BUILDERS, VAL_SPLIT_NAMES, _load_train_val, _quiet
 from launcher.errors import UsageError
 
@@ -154,6 +156,24 @@ def _tokenize(batch: dict[str, list], tokenizer: Any, column: str) -> dict[str, 
 
 
 def tokenize_documents(ds: datasets.Dataset, tokenizer: Any, column: str) -> datasets.Dataset:
+    """Token ids of every document, whole: a transformers tokenizer's warning that a document is longer than
+    the model's maximum is silenced, as in run_clm (the blocks cut them to --block-size)."""
+    with _quiet_tokenizer(tokenizer):
+        return _tokenize_all(ds, tokenizer, column)
+
+
+@contextlib.contextmanager
+def _quiet_tokenizer(tokenizer: Any) -> Iterator[None]:
+    if isinstance(tokenizer, ByteTokenizer):
+        yield
+        return
+    from launcher.models import hf
+
+    with hf._quiet():
+        yield
+
+
+def _tokenize_all(ds: datasets.Dataset, tokenizer: Any, column: str) -> datasets.Dataset:
     return ds.map(_tokenize, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
                   features=_TOKEN_FEATURES, fn_kwargs={"tokenizer": tokenizer, "column": column},
                   desc="tokenizing")
