@@ -53,7 +53,11 @@ class LMConfig:
                                        "dataset has no validation split", relaunch="fixed")
     block_size: int = option(256, "tokens per training block (documents are concatenated with end-of-text "
                                   "between them and cut into blocks)", relaunch="fixed")
-    num_workers: int = option(0, "DataLoader worker processes per training process")
+    num_workers: int = option(0, "DataLoader worker processes per training process (not with --streaming)")
+    streaming: bool = option(False, "tokenize and pack the training documents as they are read, per process, "
+                                    "instead of once up front (validation is still tokenized once)",
+                             relaunch="fixed")
+    shuffle_buffer: int = option(1000, "documents in the shuffle buffer of --streaming", relaunch="fixed")
     # model
     model: str = option("gpt-micro", f"{', '.join(gpt.SIZES)} (built in, byte-level) or hf:NAME_OR_PATH "
                                      f"(AutoModelForCausalLM and its tokenizer)", relaunch="fixed")
@@ -98,6 +102,8 @@ class LMConfig:
             raise UsageError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction})")
         if self.model_config is not None and not hf.is_hf(self.model):
             raise UsageError("--model-config builds an hf: model from a config; use it with --model hf:NAME")
+        if self.streaming and self.num_workers:
+            raise UsageError("--streaming packs blocks in the training process itself; drop --num-workers")
         if self.positions not in gpt.POSITIONS:
             raise UsageError(f"--positions must be one of {', '.join(gpt.POSITIONS)} (got {self.positions!r})")
         if self.peak_flops is not None and not self.peak_flops > 0:
@@ -121,7 +127,8 @@ def setup_data(config: LMConfig, accelerator: Accelerator, tokenizer: Any) -> LM
             data = load_lm_splits(config.dataset, tokenizer, block_size=config.block_size,
                                   dataset_config=config.dataset_config, text_column=config.text_column,
                                   val_fraction=config.val_fraction, seed=config.seed,
-                                  world_size=accelerator.num_processes)
+                                  world_size=accelerator.num_processes, streaming=config.streaming,
+                                  shuffle_buffer=config.shuffle_buffer)
         except UsageError as err:  # leave the block normally so that its barrier is met on every rank
             error = err
     if error is not None:
@@ -191,7 +198,8 @@ def train_and_validate(config: LMConfig, accelerator: Accelerator, model: torch.
                                seed=config.seed)
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers, seed=config.seed)
-    accelerator.print(f"not trained: {len(train_loader)} steps per epoch are ready, the loop's task API is not "
+    steps = "a stream of" if config.streaming else f"{len(train_loader)}"
+    accelerator.print(f"not trained: {steps} steps per epoch are ready, the loop's task API is not "
                       f"(issue 19); {len(val_loader)} validation batches per process")
     return model
 

@@ -215,6 +215,7 @@ def test_streaming_loader_splits_per_rank_and_resumes_mid_epoch():
 
     whole, end = batches(0, 1)
     assert end["done"] and len(whole) > 4
+    assert isinstance(make_loader(train, 2, shuffle=True), LMStreamingLoader)  # what the recipe gets
     head, state = batches(0, 1, stop=3)
     tail, _ = batches(0, 1, state=state)
     assert all(torch.equal(a, b) for a, b in zip(head + tail, whole)) and len(head) + len(tail) == len(whole)

@@ -52,7 +52,7 @@ class Documents:
 class LMSplits:
     """What the recipe needs: the block datasets, the tokenizer, and the numbers for the corpus line."""
 
-    train: BlockDataset
+    train: BlockDataset | Any  # an LMStreamingTrain with --streaming
     val: BlockDataset
     tokenizer: Any
     name: str
@@ -65,7 +65,11 @@ class LMSplits:
         return self.train.block_size
 
     def describe(self) -> str:
-        train_tokens, val_tokens = self.train.token_count(), self.val.token_count()
+        val_tokens = self.val.token_count()
+        if not isinstance(self.train, BlockDataset):
+            return (f"corpus: {self.name}, {self.num_train_docs:,} train documents streamed (tokenized and packed "
+                    f"as they are read), {val_tokens:,} validation tokens (validation: {self.val_source})")
+        train_tokens = self.train.token_count()
         if self.name == corpus.NAME:
             return corpus.describe(self.num_train_docs, self.num_val_docs, train_tokens, val_tokens)
         return (f"corpus: {self.name}, {self.num_train_docs:,} train and {self.num_val_docs:,} validation "
@@ -236,18 +240,36 @@ def _as_array(blocks: datasets.Dataset, block_size: int) -> np.ndarray:
 
 def load_lm_splits(dataset: str, tokenizer: Any, *, block_size: int, dataset_config: str | None = None,
                    text_column: str | None = None, val_fraction: float = 0.05, seed: int = 0,
-                   world_size: int = 1) -> LMSplits:
-    """Train and validation blocks of `dataset`, checked to give every process at least one block."""
+                   world_size: int = 1, streaming: bool = False, shuffle_buffer: int = 1000) -> LMSplits:
+    """Train and validation blocks of `dataset`, checked to give every process at least one block.
+
+    With `streaming`, the training documents are not tokenized here: `train` is an `LMStreamingTrain` that
+    `make_loader` turns into a per-rank packed stream (launcher.data.lm.streaming); validation is blocks as
+    always, so its loss stays exact.
+    """
     if block_size < 2:
         raise UsageError(f"--block-size must be at least 2: a block of T tokens trains T-1 predictions "
                          f"(got {block_size})")
     docs = load_documents(dataset, dataset_config=dataset_config, text_column=text_column,
                           val_fraction=val_fraction, seed=seed)
+
+    def blocks(ds: datasets.Dataset) -> BlockDataset:
+        return BlockDataset(group_blocks(tokenize_documents(ds, tokenizer, docs.column), block_size,
+                                         tokenizer.eos_token_id), block_size)
+
     with _quiet():
-        train, val = (BlockDataset(group_blocks(tokenize_documents(ds, tokenizer, docs.column), block_size,
-                                                tokenizer.eos_token_id), block_size)
-                      for ds in (docs.train, docs.val))
-    check_enough_blocks(len(train), len(val), block_size=block_size, world_size=world_size, name=dataset)
+        val = blocks(docs.val)
+        if streaming:
+            from launcher.data.lm.streaming import LMStreamingTrain
+
+            train = LMStreamingTrain(docs.train, docs.column, tokenizer, block_size, seed, buffer=shuffle_buffer)
+            if len(docs.train) < world_size:
+                raise UsageError(f"--streaming: the training split of {dataset} has {len(docs.train)} document(s), "
+                                 f"fewer than the {world_size} process(es); stream a larger corpus")
+        else:
+            train = blocks(docs.train)
+    check_enough_blocks(len(train) if not streaming else world_size, len(val), block_size=block_size,
+                        world_size=world_size, name=dataset)
     return LMSplits(train=train, val=val, tokenizer=tokenizer, name=dataset, val_source=docs.val_source,
                     num_train_docs=len(docs.train), num_val_docs=len(docs.val))
 
