@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from launcher.errors import UsageError
-from launcher.models.gpt import GPT, SIZES, GPTConfig, build_gpt, check_block_size, position_limit
+from launcher.models.gpt import (
+    GPT,
+    SIZES,
+    GPTConfig,
+    apply_rotary,
+    build_gpt,
+    check_block_size,
+    position_limit,
+    rotary_tables,
+)
 
 TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -56,11 +65,14 @@ def test_sizes_by_name_and_their_parameter_counts():
 
 def test_input_and_output_embeddings_are_one_tensor_that_survives_safetensors(tmp_path):
     model = tiny()
-    ids = torch.randint(0, 50, (2, 16))
-    # The output projection is the embedding matrix: changing it changes the logits' head.
-    h = model.ln_f(torch.zeros(1, 1, 16))
-    assert torch.allclose(F.linear(h, model.embed), model(torch.zeros(1, 1, dtype=torch.long)) * 0
-                          + F.linear(h, model.embed))
+    ids = torch.randint(0, 49, (2, 16))  # never token 49
+    # The output projection is the embedding matrix: row 49, never looked up here, is exactly the output
+    # weights of token 49, so changing it changes that logit and no other.
+    before = model(ids)
+    with torch.no_grad():
+        model.embed[49] += 1.0
+    after = model(ids)
+    assert torch.equal(before[..., :49], after[..., :49]) and not torch.allclose(before[..., 49], after[..., 49])
     lm_loss(model, ids).backward()
     assert model.embed.grad is not None and model.embed.grad.abs().sum() > 0
     # One key for the tie: safetensors' shared-tensor rule never applies; strict loading needs no re-tying.
@@ -90,12 +102,19 @@ def test_position_t_never_sees_later_tokens(positions):
 def test_rotary_has_no_position_parameters_and_is_relative():
     model = tiny(positions="rotary").eval()
     assert model.wpe is None and tiny().num_params() - model.num_params() == 16 * 16
-    # RoPE scores depend on distances only: with one repeated token, position 5 of a sequence and
-    # position 5 of the same sequence shifted by nothing agree, while learned positions make them differ.
+    # RoPE rotates queries and keys only: no absolute position reaches the values. With one repeated token
+    # every value is the same, so every position's output is too; learned positions make them differ.
     ids = torch.full((1, 8), 3)
-    logits = model(ids)
-    assert torch.allclose(logits[0, 1], logits[0, 1])  # sanity
-    assert model(ids[:, :4]).shape == (1, 4, 50)
+    rotary = model(ids)[0]
+    assert torch.allclose(rotary, rotary[:1].expand_as(rotary), atol=1e-5)
+    learned = tiny().eval()(ids)[0]
+    assert not torch.allclose(learned, learned[:1].expand_as(learned), atol=1e-5)
+    # The scores see positions through distances only: q_m . k_n after rotation is a function of m - n.
+    cos, sin = rotary_tables(12, 8, 10000.0, torch.device("cpu"))
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8)
+    scores = apply_rotary(q, cos, sin)[0, 0] @ apply_rotary(k, cos, sin)[0, 0].T
+    assert torch.allclose(scores[5, 2], scores[9, 6], atol=1e-5) and torch.allclose(scores[3, 3], scores[8, 8])
+    assert not torch.allclose(scores[5, 2], scores[5, 4], atol=1e-3)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
