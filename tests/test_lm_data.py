@@ -86,6 +86,10 @@ def test_blocks_feed_the_elastic_sampler_each_block_once(stdlib_blocks):
     batch = val.__getitems__([0, 3])
     assert batch["input_ids"].shape == (2, 128) and batch["input_ids"].dtype == torch.int64
     assert torch.equal(batch["labels"], batch["input_ids"]) and batch["labels"] is not batch["input_ids"]
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(val))  # as a DataLoader worker gets it: the cache file, mapped again
+    assert len(pickle.dumps(val)) < val.blocks.nbytes // 10 and np.array_equal(copy.blocks, val.blocks)
     small = BlockDataset(val.blocks[:37], 128)
     seen = []
     for rank in range(3):

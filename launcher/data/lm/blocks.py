@@ -206,10 +206,22 @@ class BlockDataset(BatchedDataset):
     """Blocks of token ids; `__getitems__` gives `{"input_ids": (B, T) int64, "labels": the same ids}`."""
 
     def __init__(self, blocks: datasets.Dataset | np.ndarray, block_size: int) -> None:
-        if isinstance(blocks, datasets.Dataset):
-            blocks = _as_array(blocks, block_size)
-        self.blocks = blocks
+        self._source = blocks if isinstance(blocks, datasets.Dataset) else None
+        self.blocks = _as_array(blocks, block_size) if self._source is not None else blocks
         self.block_size = block_size
+
+    def __getstate__(self) -> dict:
+        # To a DataLoader worker: the Dataset (which pickles as its cache file's path), not a copy of the
+        # memory-mapped blocks; the worker maps the file again.
+        state = dict(self.__dict__)
+        if self._source is not None:
+            state["blocks"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.blocks is None:
+            self.blocks = _as_array(self._source, self.block_size)
 
     def __len__(self) -> int:
         return len(self.blocks)
