@@ -86,6 +86,8 @@ class LMConfig:
                                             "GPUs; none on CPU)")
     sample_prompt: str = option("def ", "prompt of the sample continuation printed at the end")
     sample_tokens: int = option(120, "tokens of the sample continuation (0: none)")
+    sample_top_k: int = option(10, "the sample draws each token among the k likeliest (1: greedy), seeded by "
+                                   "--seed: the same text on every rank and run")
     # output
     output_dir: str | None = option(None, "where metrics, checkpoints and final weights go (default: "
                                           "runs/<time>)", relaunch="launch")
@@ -106,6 +108,8 @@ class LMConfig:
             raise UsageError("--streaming packs blocks in the training process itself; drop --num-workers")
         if self.positions not in gpt.POSITIONS:
             raise UsageError(f"--positions must be one of {', '.join(gpt.POSITIONS)} (got {self.positions!r})")
+        if self.sample_tokens < 0 or self.sample_top_k < 1:
+            raise UsageError("--sample-tokens cannot be negative and --sample-top-k must be at least 1")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise UsageError(f"--peak-flops must be positive (got {self.peak_flops})")
         check_timeouts(self.collective_timeout, self.init_timeout)
@@ -184,15 +188,18 @@ def describe_throughput(config: LMConfig, accelerator: Accelerator, model: torch
 
 def train_and_validate(config: LMConfig, accelerator: Accelerator, model: torch.nn.Module,
                        optimizer: torch.optim.Optimizer, data: LMSplits) -> torch.nn.Module:
-    """TODO(issue 19): `fit` trains only classifiers today. Once the task-agnostic loop lands, this is
+    """TODO(issue 19): `fit` trains only classifiers on this branch. With issue 19's loop (branch issue19:
+    `launcher.tasks.CausalLM`, per-token cross entropy on labels shifted by one, ignore_index -100, loss as
+    a sum and a count of tokens) this is
 
-        fit(model, optimizer, train_loader, val_loader, task=<issue 19's causal-LM task: per-token cross
-            entropy on labels shifted by one, ignore_index -100, loss as (sum, count) over tokens>,
-            epochs=config.epochs, accelerator=accelerator, scheduler=from_name("cosine", warmup_steps=...),
-            max_grad_norm=config.max_grad_norm or None, monitor=Monitor("val_loss", "min"), ...)
+        rows = fit(model, optimizer, train_loader, val_loader, task=CausalLM(), epochs=config.epochs,
+                   accelerator=accelerator, scheduler=from_name("cosine", warmup_steps=config.warmup_steps),
+                   max_grad_norm=config.max_grad_norm or None, monitor=Monitor("val_loss", "min"),
+                   checkpointing=Checkpointing(output_dir, ...), tracker=tracker)
+        return accelerator.unwrap_model(model)
 
-    plus tokens/s and MFU in the progress line (launcher.tracking.throughput) and `val_perplexity`.
-    Until then the recipe stops here, with the model untrained.
+    (tried on an export of that branch: it trains and reports val_loss / val_perplexity), plus tokens/s and
+    MFU in the progress line (launcher.tracking.throughput). Until then the recipe stops here, untrained.
     """
     train_loader = make_loader(data.train, config.batch_size, shuffle=True, num_workers=config.num_workers,
                                seed=config.seed)
@@ -205,13 +212,15 @@ def train_and_validate(config: LMConfig, accelerator: Accelerator, model: torch.
 
 
 def sample_continuation(config: LMConfig, model: torch.nn.Module, tokenizer: Any, device: torch.device) -> str:
-    """A short greedy continuation of --sample-prompt (the same text on every rank and run)."""
+    """A short continuation of --sample-prompt, top-k sampled with --seed (the same text on every rank and
+    run; greedy decoding of a small model soon repeats one token)."""
     ids = torch.tensor([tokenizer(config.sample_prompt)["input_ids"]], device=device)
     if hf.is_hf(config.model):
-        out = model.generate(ids, max_new_tokens=config.sample_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(config.seed)  # transformers' sampling draws from the global generator
+        out = model.generate(ids, max_new_tokens=config.sample_tokens, do_sample=config.sample_top_k > 1,
+                             top_k=config.sample_top_k, pad_token_id=tokenizer.eos_token_id)
     else:
-        out = model.generate(ids, config.sample_tokens, top_k=1, seed=config.seed)
+        out = model.generate(ids, config.sample_tokens, top_k=config.sample_top_k, seed=config.seed)
     return tokenizer.decode(out[0, ids.shape[1]:])
 
 
