@@ -10,6 +10,9 @@ import argparse
 import dataclasses
 import math
 import os
+import re
+import secrets
+import string
 import time
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +24,14 @@ import yaml
 from launcher.errors import UsageError
 from launcher.faults.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
 from launcher.tasks.classification import VAL_METRIC_NAMES
+
+WANDB_LOG_MODEL_CHOICES = ("none", "final", "best", "checkpoints")
+# $WANDB_LOG_MODEL as HF Trainer and Lightning users set it, mapped onto --wandb-log-model.
+WANDB_LOG_MODEL_ENV = {"end": "final", "true": "final", "1": "final", "checkpoint": "checkpoints",
+                       "all": "checkpoints", "false": "none", "0": "none", "": "none", **{
+                           c: c for c in WANDB_LOG_MODEL_CHOICES}}
+# An --output-dir like s3://bucket/run would become a local folder named "s3:"; refuse it instead.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # What a relaunch (a resume, or --eval-only of a checkpoint) may do with each key; see docs/relaunch.md.
 #   fixed:            defines the data, the model or the optimisation: taken from the checkpoint when not
@@ -93,6 +104,9 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)",
                            relaunch="refuse-mid-epoch")
     max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (0 or omitted: no clipping)")
+    deterministic: bool = _opt(False, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
+                                      "deterministic without benchmark, CUBLAS_WORKSPACE_CONFIG): what makes a "
+                                      "GPU run and its resume repeat bit for bit; slower (docs/checkpoints.md)")
     # One seed for the split and the weights: a relaunch keeps it (the split must not move under a run).
     seed: int = _opt(0, "seed for weights, data order and the validation split", relaunch="fixed")
     # validation, early stopping, best checkpoint
@@ -102,7 +116,8 @@ class TrainConfig:
                           relaunch="fixed")
     early_stopping_patience: int | None = _opt(None, "stop after this many epochs without improvement")
     # output, checkpoints, resume
-    output_dir: str | None = _opt(None, "where metrics, checkpoints and final weights go (default: runs/<time>)",
+    output_dir: str | None = _opt(None, "where metrics, checkpoints and final weights go, a local folder (default: "
+                                        "runs/<time>-<random>; runs/<sweep id>/<run id> under a W&B sweep)",
                                   relaunch="launch")
     resume: str = _opt("auto", "'auto' (newest valid checkpoint in --output-dir, else start fresh), "
                                "'never' (refuse a non-empty --output-dir) or a checkpoint folder",
@@ -130,7 +145,11 @@ class TrainConfig:
     wandb_group: str | None = _opt(None, "W&B group, e.g. the sweep or experiment name")
     wandb_tags: list[str] | None = _opt(None, "W&B tags (comma-separated on the command line)")
     wandb_name: str | None = _opt(None, "W&B run name (default: the output folder's name)")
-    wandb_job_type: str | None = _opt(None, "W&B job type, e.g. train or eval")
+    wandb_job_type: str | None = _opt(None, "W&B job type (default: train, or eval with --eval-only)")
+    wandb_log_model: str | None = _opt(None, "model artifacts to W&B: none, final (final/), best (the best "
+                                             "checkpoint, alias best) or checkpoints (every checkpoint as it is "
+                                             "saved, and final/) (default: $WANDB_LOG_MODEL as HF reads it, else "
+                                             "none)", WANDB_LOG_MODEL_CHOICES)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -166,6 +185,10 @@ class TrainConfig:
         if not math.isfinite(self.lr):
             raise UsageError(f"--lr must be a finite number (got {self.lr})")
         check_timeouts(self.collective_timeout, self.init_timeout)
+        self.log_model()  # a bad $WANDB_LOG_MODEL fails here, before anything is written
+        if self.output_dir and _URL.match(self.output_dir):
+            raise UsageError(f"--output-dir {self.output_dir}: remote storage is not supported yet; give a local "
+                             f"(or mounted) folder and copy the run afterwards")
         if self.text_columns is not None and len(self.text_columns) not in (1, 2):
             raise UsageError(f"--text-columns takes one column or two (a sentence pair), got "
                              f"{','.join(self.text_columns)!r}")
@@ -179,8 +202,25 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(name)} must be one of {', '.join(meta['choices'])} "
                                  f"(got {getattr(self, name)!r})")
 
-    def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    def resolved_output_dir(self, environ: typing.Mapping[str, str] = os.environ) -> Path:
+        """--output-dir, else runs/<sweep id>/<run id> under a W&B sweep agent, else runs/<time>-<random>:
+        the suffix keeps launches started in the same second (an array of sweep agents) apart."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        if environ.get("WANDB_SWEEP_ID") and environ.get("WANDB_RUN_ID"):
+            return Path("runs") / environ["WANDB_SWEEP_ID"] / environ["WANDB_RUN_ID"]
+        suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(4))
+        return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+
+    def log_model(self, environ: typing.Mapping[str, str] = os.environ) -> str:
+        """--wandb-log-model, else $WANDB_LOG_MODEL (HF's end/checkpoint/false), else none."""
+        if self.wandb_log_model:
+            return self.wandb_log_model
+        value = environ.get("WANDB_LOG_MODEL", "").strip().lower()
+        if value not in WANDB_LOG_MODEL_ENV:
+            raise UsageError(f"WANDB_LOG_MODEL={value!r} is not understood; use one of "
+                             f"{', '.join(WANDB_LOG_MODEL_ENV)}")
+        return WANDB_LOG_MODEL_ENV[value]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,22 +277,61 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# --help in sections: each starts at this field and runs to the next section's (fields keep the dataclass order,
+# so a new field joins the section it is declared in).
+HELP_SECTIONS = {"dataset": "data", "model": "model", "epochs": "optimisation",
+                 "best_metric": "validation, early stopping and the best checkpoint",
+                 "output_dir": "output, checkpoints and resume", "collective_timeout": "faults",
+                 "wandb_mode": "tracking (W&B)"}
+
+
+_METAVARS = {int: "N", float: "X", list: "A,B"}
+
+
+class _Switch(argparse.Action):
+    """A boolean flag: `--streaming` alone sets it; `--streaming=false` (what a W&B sweep agent writes for a
+    boolean parameter) and YAML `streaming: false` still work."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", const=True, type=_parse_bool, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None):
+        setattr(namespace, self.dest, values)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Switches shown as plain flags (`--streaming`, not `--streaming [STREAMING]`)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _Switch):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 def build_parser(description: str | None = None, cls: type | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every field as `--its-name`, and hidden as `--its_name` too (sweep files and HF users write
+    underscores; `--batch_size=32` and `--batch-size 32` fill the same key)."""
+    parser = _Parser(description=description, formatter_class=_HelpFormatter,
+                     usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]  (flags below; --help)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of defaults; command-line flags win")
     hints = _field_types(cls)
+    group: Any = parser
     for name, f in _fields(cls).items():
+        if name in HELP_SECTIONS:
+            group = parser.add_argument_group(HELP_SECTIONS[name])
         kind = _base_type(hints[name])
         help_text = f.metadata["help"]
-        if "(default" not in help_text:
+        if "(default" not in help_text and kind is not bool:
             help_text += f" (default: {f.default})"
         if kind is bool:
-            parser.add_argument(f"--{_flag(name)}", dest=name, nargs="?", const=True, type=_parse_bool,
-                                default=argparse.SUPPRESS, help=help_text)
+            options: dict[str, Any] = {"action": _Switch}
         else:
-            parser.add_argument(f"--{_flag(name)}", dest=name, type=_parse_optional(kind),
-                                choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
-                                help=help_text)
+            options = {"type": _parse_optional(kind), "choices": f.metadata.get("choices"),
+                       "metavar": _METAVARS.get(kind) if not f.metadata.get("choices") else None}
+        group.add_argument(f"--{_flag(name)}", dest=name, default=argparse.SUPPRESS, help=help_text, **options)
+        if "_" in name:
+            group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                               **options)
     return parser
 
 

@@ -8,7 +8,7 @@
         --model hf:bert-base-uncased --lr 2e-5 --epochs 3         # transformers models: docs/hf.md
     python recipes/classify.py --help                           # every flag, with its default
 
-Outputs go to --output-dir (default runs/<time>): metrics.jsonl, config.json, checkpoints/, final/.
+Outputs go to --output-dir (default runs/<time>-<random>): metrics.jsonl, config.json, checkpoints/, final/.
 Run it again with the same --output-dir and it continues from the newest checkpoint (--resume auto).
 Copy this file and change it: the steps below run in dependency order, each a short function.
 """
@@ -43,6 +43,7 @@ from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.faults.lease import claim_for_ranks
 from launcher.faults.write_failures import main_writes
 from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
+from launcher.loop.determinism import determinism_settings
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
@@ -141,7 +142,8 @@ def setup_model(config: TrainConfig, accelerator: Accelerator, data: DataSplits)
     return model, outputs.shape[-1]
 
 
-def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, num_classes: int) -> dict:
+def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, model: torch.nn.Module,
+             num_classes: int) -> dict:
     procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return {
         "world_size": accelerator.num_processes,
@@ -157,14 +159,19 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, nu
         "train_samples": len(data.train),
         "val_samples": len(data.val),
         "effective_batch_size": config.batch_size * accelerator.num_processes * config.grad_accum,
+        "model/num_parameters": sum(p.numel() for p in model.parameters()),  # HF Trainer's W&B key
+        "model/trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "torch": torch.__version__,
+        "determinism": determinism_settings(),  # what --deterministic set (or not), as the run trained
         **run_metadata(),  # git commit of the training code, SLURM job / array ids when present
     }
 
 
 def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Path, data: DataSplits,
-                  model: torch.nn.Module, checkpoint: Path, num_classes: int) -> None:
-    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config."""
+                  model: torch.nn.Module, checkpoint: Path, num_classes: int, info: dict, trained: dict) -> None:
+    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config.
+
+    The scores also go to a W&B run of job type eval, which names the checkpoint and the training run."""
     load_weights(model, checkpoint)  # sharded or not, whatever world size wrote it: the whole model per process
     loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                          num_workers=config.num_workers, seed=config.seed)
@@ -180,13 +187,18 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
                                                      "class_names": list(data.class_names)})
         print(f"eval of {checkpoint}: val_loss {metrics.loss:.4f} val_accuracy {metrics.accuracy:.4f} "
               f"val_f1 {metrics.f1:.4f} on {metrics.samples} samples -> {output_dir / 'eval.json'}")
+    tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info, resume_run_id=None)
+    tracker.log_evaluation(metrics.as_row("val"), {"checkpoint": str(checkpoint.resolve()),
+                                                   "run_id": trained.get("extra", {}).get("wandb_run_id")})
+    tracker.finish([], 0)
 
 
 def train(argv: list[str] | None = None) -> None:
     given = parse_values(argv, description=__doc__)
     config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
     # The process group first (bounded by --init-timeout), so that rank 0 can decide for all.
-    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
+    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
+                                deterministic=config.deterministic)
     output_dir = setup_output_dir(config)
     # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
     lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
@@ -202,15 +214,16 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     """Everything after the output folder is claimed: relaunch rules, data, model, then fit."""
     config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed,
-                                   collective_timeout=config.collective_timeout, init_timeout=config.init_timeout)
+                                   collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
+                                   deterministic=config.deterministic)
     if checkpoint is not None and not config.eval_only:
         check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, accelerator, data)
-    info = run_info(config, accelerator, data, num_classes)
+    info = run_info(config, accelerator, data, model, num_classes)
     if config.eval_only:
-        run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes)
+        run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes, info, resumed)
         return
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=config.best_mode,

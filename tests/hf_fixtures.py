@@ -43,8 +43,10 @@ def vocabulary() -> dict[str, int]:
     return {w: i for i, w in enumerate(dict.fromkeys(words))}
 
 
-def tiny_bert(folder: Path, *, num_labels: int = 2, hidden: int = 32, tokenizer: bool = True) -> Path:
-    """A 1-layer BERT classifier (num_labels=2, so a 3-class dataset gets a new head) and its tokenizer."""
+def tiny_bert(folder: Path, *, num_labels: int = 2, hidden: int = 32, tokenizer: bool = True,
+              dtype: str = "float32") -> Path:
+    """A 1-layer BERT classifier (num_labels=2, so a 3-class dataset gets a new head) and its tokenizer,
+    its weights saved in `dtype` (as Hub checkpoints often are in bfloat16)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
@@ -52,7 +54,7 @@ def tiny_bert(folder: Path, *, num_labels: int = 2, hidden: int = 32, tokenizer:
     vocab = vocabulary()
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    BertForSequenceClassification(config).to(getattr(torch, dtype)).save_pretrained(folder)
     if tokenizer:
         # transformers 5: a tokenizer is built from its vocabulary with vocab=; vocab_file= is for from_pretrained.
         BertTokenizer(vocab=vocab, model_max_length=64).save_pretrained(folder)

@@ -31,5 +31,5 @@ class Stuck(nn.Module):
 
 def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     rank, _, step = os.environ.get("LAUNCHER_TEST_STUCK", "").partition(":")
-    stuck_at = int(step) if rank == os.environ.get("RANK") else None
+    stuck_at = int(step) if rank == os.environ.get("RANK", "0") else None  # one process: no RANK
     return Stuck(build_slow(input_shape, num_classes), stuck_at)

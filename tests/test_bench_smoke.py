@@ -39,3 +39,57 @@ def test_bench_smoke_run_reports_every_loop_and_section(tmp_path):
     assert evals["eval_launcher_1"]["bytes"] == evals["eval_launcher_4"]["bytes"] > 0
     assert results["sections"]["startup"]["1"]["first_step"] > 0
     assert "| launcher_fit" in proc.stdout  # the Markdown table is printed
+
+
+def _load(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_probe_compiles_and_its_plan_names_only_real_launcher_code():
+    # The one-GPU check cannot run here; what can go stale without a GPU is checked instead.
+    probe_dir = ROOT / "bench" / "gpu_probe"
+    for path in sorted(probe_dir.glob("*.py")):
+        compile(path.read_text(), str(path), "exec")
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_probe.sh")], check=True)
+    probe = _load(probe_dir / "probe.py")
+    from launcher.checkpoint.layout import FAULT_ENV
+
+    assert probe.FAULT_ENV == FAULT_ENV
+    # sync_wrap.py sorts syncs by launcher function names: each must still exist.
+    sync_wrap = _load(probe_dir / "sync_wrap.py")
+    source = "\n".join(p.read_text() for p in [*(ROOT / "launcher").rglob("*.py"), ROOT / "recipes" / "classify.py"])
+    for name in sorted(sync_wrap.CHECKPOINT | sync_wrap.LOG | sync_wrap.STARTUP | {"reduce", "_train_epoch",
+                                                                                     "evaluate"}):
+        assert f"def {name}(" in source, f"bench/gpu_probe/sync_wrap.py names {name}, which launcher no longer has"
+    # The hang model imports what it needs from the launcher and builds.
+    hang = _load(probe_dir / "hang_model.py")
+    assert hang.build((64,), 10).at == 10
+    from launcher.faults.watchdog import _gpu_busy, _main_thread_location  # noqa: F401 - hang_model's imports
+
+
+def test_gpu_probe_stream_shards_load_as_a_stream(tmp_path):
+    from launcher.data.streaming import load_stream_splits
+
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_probe" / "make_stream.py"), str(tmp_path / "s")],
+                   check=True, capture_output=True)
+    splits = load_stream_splits(str(tmp_path / "s"), seed=0, buffer=16)
+    assert splits.input_shape == (64,) and splits.num_classes == 10 and len(splits.val) == 1797 // 5
+
+
+def test_gpu_probe_compares_safetensors_bitwise(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    probe = _load(ROOT / "bench" / "gpu_probe" / "probe.py")
+    weights = {"w": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "b": torch.ones(3)}
+    save_file(weights, str(tmp_path / "a.safetensors"))
+    save_file(weights, str(tmp_path / "b.safetensors"))
+    save_file({**weights, "b": torch.ones(3) + 1e-6}, str(tmp_path / "c.safetensors"))
+    assert probe.compare_weights(tmp_path / "a.safetensors", tmp_path / "b.safetensors")[0]
+    same, how = probe.compare_weights(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
+    assert not same and "1/2 tensors differ" in how

@@ -147,3 +147,25 @@ def test_compare_two_real_runs_with_different_learning_rates(tmp_path):
     assert lr_line.split()[1:] == ["0.001", "0.01"]
     assert "best val_accuracy" in result.stdout and "final val_loss" in result.stdout
     assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_legend_names_the_effective_batch_and_covers_no_point(tmp_path):
+    from launcher.tracking.compare import curves_figure, load_run
+
+    runs = []
+    for name, world_size, acc in (("tour-1proc", 1, [0.88, 0.95]), ("tour-2proc", 2, [0.80, 0.93])):
+        path = make_run(tmp_path, name, rows(acc, [0.9, 0.3]))
+        settings = json.loads((path / "config.json").read_text())
+        settings["run_info"].update(world_size=world_size, effective_batch_size=64 * world_size)
+        (path / "config.json").write_text(json.dumps(settings))
+        runs.append(load_run(str(path)))
+    fig = curves_figure(runs)
+    fig.canvas.draw()
+    [legend] = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["tour-1proc (effective batch 64, world_size=1)", "tour-2proc (effective batch 128, world_size=2)"]
+    box = legend.get_window_extent()
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            for x, y in ax.transData.transform(line.get_xydata()):
+                assert not box.contains(x, y), (line.get_label(), x, y)

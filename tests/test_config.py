@@ -78,3 +78,49 @@ def test_every_key_has_a_relaunch_rule():
     assert rules["batch_size"] == rules["grad_accum"] == "refuse-mid-epoch"
     assert rules["epochs"] == rules["early_stopping_patience"] == rules["eval_batch_size"] == "apply"
     assert rules["output_dir"] == rules["resume"] == rules["eval_only"] == "launch"
+
+
+@pytest.mark.parametrize("argv", [["--batch_size=32"], ["--batch_size", "32"], ["--batch-size=32"]])
+def test_underscore_flags_fill_the_same_key(argv):
+    # W&B sweep files and HF users write parameter names with underscores; the agent passes `--name=value`.
+    cfg = parse_config(argv + ["--max_grad_norm=0.5", "--streaming=False", "--eval_only=false"])
+    assert (cfg.batch_size, cfg.max_grad_norm, cfg.streaming, cfg.eval_only) == (32, 0.5, False, False)
+    assert "batch-size" not in cfg.to_dict()
+
+
+def test_help_is_grouped_with_plain_switches_and_no_underscore_duplicates():
+    text = build_parser().format_help()
+    for section in ("data:", "model:", "optimisation:", "output, checkpoints and resume:", "faults:",
+                    "tracking (W&B):"):
+        assert f"\n{section}\n" in text
+    assert "  --streaming  " in text and "[STREAMING]" not in text and "--batch_size" not in text
+    assert parse_config(["--streaming"]).streaming is True
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://b/r", "hf://datasets/x", "file:///tmp/x"])
+def test_a_remote_output_dir_is_refused(url):
+    with pytest.raises(UsageError, match="remote storage is not supported yet"):
+        parse_config(["--output-dir", url])
+
+
+def test_default_output_folders_never_collide_and_follow_a_sweep():
+    cfg = TrainConfig()
+    folders = {cfg.resolved_output_dir(environ={}) for _ in range(50)}  # all within the same second
+    assert len(folders) == 50 and all(f.parent.name == "runs" for f in folders)
+    sweep = {"WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "run42"}
+    assert str(cfg.resolved_output_dir(environ=sweep)) == "runs/abc123/run42"
+    assert str(TrainConfig(output_dir="out").resolved_output_dir(environ=sweep)) == "out"
+
+
+@pytest.mark.parametrize("env,expected", [({}, "none"), ({"WANDB_LOG_MODEL": "end"}, "final"),
+                                          ({"WANDB_LOG_MODEL": "checkpoint"}, "checkpoints"),
+                                          ({"WANDB_LOG_MODEL": "false"}, "none"),
+                                          ({"WANDB_LOG_MODEL": "best"}, "best")])
+def test_wandb_log_model_reads_hf_values(env, expected):
+    assert TrainConfig().log_model(env) == expected
+    assert TrainConfig(wandb_log_model="final").log_model(env) == "final"
+
+
+def test_wandb_log_model_refuses_an_unknown_value():
+    with pytest.raises(UsageError, match="WANDB_LOG_MODEL='sometimes'"):
+        TrainConfig().log_model({"WANDB_LOG_MODEL": "sometimes"})

@@ -122,6 +122,25 @@ def test_rank_stuck_in_user_code_is_named_with_where_it_is(tmp_path):
     print(f"\nrank stuck in user code: job ended {time.monotonic() - started:.1f} s after its start")
 
 
+def test_one_process_whose_step_never_returns_ends_within_the_bound(tmp_path):
+    # No process group (cpu.yaml, as single_gpu.yaml): the bound holds all the same.
+    args = ["--model", "tests.stuck_model:build", "--epochs", "1", "--batch-size", "16", *TIMEOUTS,
+            "--output-dir", str(tmp_path)]
+    proc = start(args, nproc=1, env=make_env(LAUNCHER_TEST_STUCK="0:8"))
+    assert wait_for(lambda: (tmp_path / "config.json").exists(), timeout=120, proc=proc), finish(proc, 0.1)
+    started = time.monotonic()
+    output = finish(proc, 120)
+    seconds = time.monotonic() - started
+    print(f"\none stuck process: ended {seconds:.1f} s after its config was written")
+    assert proc.returncode not in (0, EXIT_USAGE, EXIT_PREEMPTED), output[-3000:]
+    assert f"exit status {EXIT_HUNG}" in output, output[-3000:]  # the recipe's own; accelerate launch says 1
+    assert seconds < COLLECTIVE_TIMEOUT + GRACE + 10, output[-3000:]  # + the steps before the 8th
+    # accelerate's simple launcher repeats the child's stderr in its own error: the same line, twice.
+    [line] = {line for line in output.splitlines() if "stopped making progress" in line}
+    assert re.search(r"launcher: rank 0 on \S+ \(pid \d+\) stopped making progress", line), line
+    assert "it is the only rank; its main thread is at " in line and "stuck_model.py" in line, line
+
+
 def test_killed_rank_is_restarted_by_torchrun_and_ends_bit_identical(reference, tmp_path):
     proc = start_and_wait_for_checkpoint(tmp_path, launch_extra=["--max_restarts", "1"])
     victim = worker(psutil.Process(proc.pid), 1)

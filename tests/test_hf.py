@@ -195,3 +195,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(assets, tmp_path, case)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert needle in lines[0] and lines[0].startswith("classify.py: error:")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_loads_in_float32(tmp_path, dtype):
+    """transformers 5 would keep a bf16/fp16 checkpoint's dtype: AdamW would then step half-precision weights
+    and fp16 mixed precision would refuse to unscale fp16 gradients."""
+    from types import SimpleNamespace
+
+    from launcher.models.hf import load_model, load_tokenizer
+
+    folder = hf_fixtures.tiny_bert(tmp_path / "bert", dtype=dtype)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == dtype  # the checkpoint really is half precision
+    data = SimpleNamespace(kind="text", name="sentences", class_names=["negative", "neutral", "positive"],
+                           preprocessor=load_tokenizer(str(folder)))
+    model = load_model(str(folder), data, notice=lambda _: None)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

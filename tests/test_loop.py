@@ -174,3 +174,13 @@ def test_a_non_finite_loss_stops_fit_at_the_next_log_interval(tmp_path):
 def test_fit_options_refuse_bad_values_when_built(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_grad_norm_is_logged_before_clipping():
+    model, opt = model_and_opt(lr=0.1)
+    rec = Recorder()
+    data = blobs(n=64)
+    fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=64), nn.CrossEntropyLoss(),
+        epochs=1, num_classes=3, max_grad_norm=1e-3, log_every=1, tracker=rec, progress=False)
+    norms = [m["grad_norm"] for _, m in rec.train]
+    assert len(norms) == 4 and all(n > 1e-2 for n in norms)  # the norm as computed, not the clipped 1e-3

@@ -37,6 +37,9 @@ CASES = {
                         "--setup", "module load cuda/12.4", "--setup", "source ~/venv/bin/activate",
                         "--signal-grace", "300", "--max-requeues", "5", "--",
                         "recipes/classify.py", "--model", "resnet", "--wandb-tags", "a,b"],
+    # GPU nodes with the defaults: CPUs per GPU process, the step's GPUs, NCCL's warnings (issue 23).
+    "gpu_defaults": ["--nodes", "2", "--gpus-per-node", "4", "--output-dir", "runs/gpu", "--",
+                     "recipes/classify.py", "--model", "resnet"],
     # A 2x2 grid, at most two tasks at a time, W&B group = job name.
     "sweep_grid": ["--sweep", "lr=0.1,0.01", "--sweep", "seed=0,1", "--array", "0-3%2", "--job-name", "lr-sweep",
                    "--", "recipes/classify.py", "--epochs", "2"],
@@ -96,6 +99,20 @@ def test_cpu_nodes_use_gloo_and_one_process_per_node() -> None:
     assert "accelerate launch --multi_gpu \\\n    --num_machines 2 --num_processes 2 " in text
     single = render(["--nodes", "1", "--", "train.py"])
     assert "accelerate launch --cpu \\\n    --num_machines 1 --num_processes 1 " in single
+
+
+def test_gpu_jobs_get_cpus_for_data_loading_and_their_gpus_on_the_step() -> None:
+    # One CPU per GPU process (with OMP_NUM_THREADS=1) starved the DataLoader workers.
+    text = render(["--nodes", "2", "--gpus-per-node", "4", "--", "recipes/classify.py"])
+    assert f"#SBATCH --cpus-per-task={4 * slurm.options.CPUS_PER_GPU_PROCESS}" in text
+    assert f"export OMP_NUM_THREADS={slurm.options.CPUS_PER_GPU_PROCESS}" in text
+    [srun] = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert "--gpus-per-node=4 --gpu-bind=none" in srun
+    assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in text
+    cpu = render(["--nodes", "2", "--", "recipes/classify.py"])
+    assert "#SBATCH --cpus-per-task=1" in cpu and "--gpus-per-node" not in cpu and "NCCL" not in cpu
+    explicit = render(["--gpus-per-node", "2", "--cpus-per-task", "6", "--", "recipes/classify.py"])
+    assert "#SBATCH --cpus-per-task=6" in explicit and "export OMP_NUM_THREADS=3" in explicit
 
 
 def test_default_accelerate_config_follows_topology(tmp_path: Path) -> None:

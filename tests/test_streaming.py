@@ -124,3 +124,19 @@ def test_streaming_needs_train_and_validation_shards(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UsageError, match="expected shard files in .*/train/ and .*/validation/"):
         load_stream_splits(str(tmp_path), seed=0)
+
+
+@pytest.mark.slow
+def test_streaming_reads_the_hub_layout_in_two_processes(shards, tmp_path):
+    """A downloaded Hub dataset (data/train-00000-of-00004.parquet): what the non-streaming path reads."""
+    (tmp_path / "data").mkdir()
+    for i, group in enumerate(np.array_split(sorted((shards / "train").glob("*.parquet")), 4)):
+        datasets.concatenate_datasets([datasets.Dataset.from_parquet(str(f)) for f in group]).to_parquet(
+            str(tmp_path / "data" / f"train-{i:05d}-of-00004.parquet"))
+    datasets.Dataset.from_parquet(str(shards / "validation" / "part-000.parquet")).to_parquet(
+        str(tmp_path / "data" / "validation-00000-of-00001.parquet"))
+    out = tmp_path / "run"
+    run(["--dataset", str(tmp_path), "--streaming", "--epochs", "1", "--batch-size", "16", "--scheduler",
+         "constant", "--output-dir", str(out)], 2)
+    [row] = read_metrics(out)
+    assert row["train_samples"] == ROWS and row["val_samples"] == 40 and row["world_size"] == 2

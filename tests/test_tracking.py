@@ -109,13 +109,14 @@ def test_metric_names():
         "train/loss": 1.0, "train/lr": 0.1, "train/samples_per_second": 5.0, "train/epoch": 0.5}
 
 
-def test_best_values_come_from_the_whole_history():
+def test_best_is_the_whole_row_of_the_picked_epoch():
     history = [{"epoch": 1, "val_accuracy": 0.7, "val_loss": 0.9},
                {"epoch": 2, "val_accuracy": 0.9, "val_loss": 0.5},
                {"epoch": 3, "val_accuracy": 0.9, "val_loss": 0.3},
                {"epoch": 4, "val_accuracy": math.nan, "val_loss": math.nan}]
+    # The earliest of the tied epochs, and its own loss (0.5), not the lowest loss of any epoch (0.3).
     assert best_summary(history, "val_accuracy", "max") == {
-        "best/val_accuracy": 0.9, "best/val_loss": 0.3, "best/epoch": 2,
+        "best/val_accuracy": 0.9, "best/val_loss": 0.5, "best/epoch": 2,
         "epochs_completed": 4}
     assert best_summary(history, "val_loss", "min")["best/epoch"] == 3
     assert best_summary([], "val_loss", "min") == {"epochs_completed": 0}
@@ -438,8 +439,9 @@ def test_recipe_two_processes_offline(tmp_path):
     assert [r["val/accuracy"] for r in val] == [r["val_accuracy"] for r in rows]
     train_steps = [r["_step"] for r in run.history_with("train/loss")]
     assert train_steps and all(s % 5 == 0 for s in train_steps)
-    assert run.summary["best/val_accuracy"] == max(r["val_accuracy"] for r in rows)
-    assert run.summary["best/val_loss"] == min(r["val_loss"] for r in rows)
+    picked = max(rows, key=lambda r: r["val_accuracy"])  # the first of ties, as --best-metric picks
+    assert {k: run.summary[f"best/{k}"] for k in ("epoch", "val_accuracy", "val_loss", "train_loss")} == {
+        k: picked[k] for k in ("epoch", "val_accuracy", "val_loss", "train_loss")}
     assert list(path.parent.glob("files/media/table/best/confusion_matrix*.json"))
     for file, data in _all_files_bytes(tmp_path):
         assert SECRET.encode() not in data and HF_SECRET.encode() not in data, file
@@ -468,3 +470,11 @@ def test_recipe_killed_and_resumed_continues_the_same_run(tmp_path):
     assert steps == sorted(set(steps))
     rows = read_metrics(out)
     assert read_run_file(files[-1]).summary["best/val_accuracy"] == max(r["val_accuracy"] for r in rows)
+
+
+def test_a_checkpoint_downloaded_from_wandb_is_named_as_its_artifact():
+    from launcher.tracking.tracker import artifact_of
+
+    assert artifact_of(Path("/w/artifacts/model-abc123:v3/step-00000046")) == "model-abc123:v3"
+    assert artifact_of(Path("artifacts/model-abc123:best")) == "model-abc123:best"
+    assert artifact_of(Path("/w/runs/x/checkpoints/best")) is None

@@ -152,6 +152,7 @@ class StreamingLoader:
                              f"{max(num_workers, 1)} worker(s) without repeating data; write the data as at least "
                              f"{streams} files or lower --num-workers")
         self.epoch, self.consumed, self.done, self._resume = 0, {}, False, None
+        self._agreement: _AllHave | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -184,24 +185,50 @@ class StreamingLoader:
         stream = self.train.stream(self.epoch, self.rank, self.world, skip)
         loader = torch.utils.data.DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
                                              collate_fn=_WorkerCollate(self.train.convert),
+                                             # pinned host memory: what makes the non_blocking copy below async
+                                             pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(self.train.seed))
+        if self._agreement is None:  # every rank's first epoch starts here, at the same point
+            self._agreement = _AllHave()
         batches = iter(loader)
-        while True:
-            batch = next(batches, None)
-            if not _all_have(batch is not None, self.device):
-                break  # the first rank out of data ends the epoch for all: every rank steps equally often
+        batch = next(batches, None)
+        agreed = self._agreement.start(batch is not None)
+        while agreed.wait():  # the first rank out of data ends the epoch for all: every rank steps equally often
             inputs, labels, worker = batch
+            # The next batch and the ranks' vote on it are under way while this one trains.
+            batch = next(batches, None)
+            agreed = self._agreement.start(batch is not None)
             self.consumed[worker] = self.consumed.get(worker, 0) + len(labels)
             yield send_to_device((inputs, labels), self.device, non_blocking=True)
         self.done = True
 
 
-def _all_have(have: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return have
-    flag = torch.tensor([1 if have else 0], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+class _AllHave:
+    """Whether every rank has a batch: one all-reduce (MIN) of a host flag per batch, on a gloo group, started
+    a batch ahead. On the CPU it never touches the GPU: an NCCL all-reduce of a GPU flag read back with .item()
+    made the host wait for the GPU at every step."""
+
+    def __init__(self) -> None:
+        self.group = None
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it at the same point
+
+    def start(self, have: bool) -> _Vote:
+        flag = torch.tensor([1 if have else 0])
+        if not self.distributed:
+            return _Vote(flag, None)
+        return _Vote(flag, dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group, async_op=True))
+
+
+class _Vote:
+    def __init__(self, flag: torch.Tensor, work: Any) -> None:
+        self.flag, self.work = flag, work
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+        return bool(self.flag.item())
 
 
 class StreamValDataset(BatchedDataset):
@@ -304,16 +331,23 @@ def _undecoded(ds: datasets.IterableDataset, convert: RowConverter) -> datasets.
 
 
 def _local_shards(root: Path) -> tuple[list[str], list[str]]:
-    """Training and validation shard files: train/*.parquet and validation/*.parquet (or .arrow)."""
-    def files(folder: Path) -> list[str]:
-        found = sorted(str(p) for p in folder.glob("*") if p.suffix in _FILE_BUILDERS)
-        return found if folder.is_dir() else []
+    """Training and validation shard files (*.parquet or *.arrow), found by datasets' own split patterns, so
+    every layout the non-streaming path reads streams too: train/ and validation/ folders, the Hub's
+    data/train-00000-of-00004.parquet, train-*.parquet at the top."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
 
-    train = files(root / "train")
-    val = next((files(root / name) for name in _VAL_DIRS if files(root / name)), [])
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
+    except Exception:  # noqa: BLE001 - datasets raises several kinds for "no data files here"
+        found = {}
+    splits = {str(name): [str(f) for f in files if Path(str(f)).suffix in _FILE_BUILDERS]
+              for name, files in found.items()}
+    train = sorted(splits.get("train", []))
+    val = sorted(next((splits[name] for name in _VAL_DIRS if splits.get(name)), []))
     if not train or not val:
         raise UsageError(f"--streaming {root}: expected shard files in {root}/train/ and {root}/validation/ "
-                         f"(*.parquet or *.arrow); found {len(train)} training and {len(val)} validation files")
+                         f"(or the Hub's {root}/data/train-00000-of-0000N.parquet; *.parquet or *.arrow); found "
+                         f"{len(train)} training and {len(val)} validation files")
     if len({Path(f).suffix for f in train}) > 1:
         raise UsageError(f"--streaming {root}/train mixes parquet and arrow files; use one format")
     return train, val

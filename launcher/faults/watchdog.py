@@ -11,8 +11,11 @@ itself pays nothing) about once a second. When it has not moved for the bound of
    Rank 0 publishes that list under one key of the rendezvous store; the others read it (a rank 0 that
    does not answer is itself the culprit).
 2. If every rank arrived (all alive, none progressing), the ranks exchange where their main thread is.
-   A rank whose main thread is waiting inside torch (a collective, the backward's all-reduce) is a victim;
-   the others (stuck in a data loader, a deadlock in user code) are the culprits.
+   A rank whose main thread is waiting inside torch (a collective, the backward's all-reduce) or whose GPU
+   still has work queued is a victim: on a GPU a collective returns at once and the rank then waits at
+   its next read of a result (`.item()`, `.tolist()`, `.cpu()` in the loop), so its main thread is in
+   launcher code while its stream waits for the peers. The others (stuck in a data loader, a deadlock in
+   user code, with an idle GPU) are the culprits.
 3. A live rank on the same host as a stopped culprit (state T) SIGKILLs it (it never handles the SIGTERM
    torchrun sends first, and torchrun waits 30 s before its SIGKILL); the lowest healthy rank prints one
    line naming the culprit ranks and hosts; every live rank leaves with `os._exit(EXIT_HUNG)`, so torchrun
@@ -20,8 +23,14 @@ itself pays nothing) about once a second. When it has not moved for the bound of
 
 Phases: training steps are bounded by `collective_timeout`. Start-up (up to the first step, which
 includes the first batch and any compilation), validation, checkpoint writes and the final save are
-bounded by `init_timeout`; the process group's own timeout follows the phase (torch's `_set_pg_timeout`)
-as a backstop a little beyond the watchdog's bound.
+bounded by `init_timeout`, and so is a step during which torch.compile compiles again (a new shape, such as
+an epoch's short last batch: some thread is in dynamo's or inductor's compiler, seen by walking the
+threads' stacks each second; a rank counts itself in a store counter while it compiles, so that its peers,
+waiting for it in a collective, wait as long); the process group's own timeout follows the phase (torch's
+`_set_pg_timeout`) as a backstop a little beyond the watchdog's bound.
+
+One process (no process group, e.g. single_gpu.yaml) has the same watchdog and the same bounds: it names
+itself and where its main thread is, and ends with EXIT_HUNG.
 
 At 1,000 ranks: nothing is written per step; each rank's thread wakes about once a second and reads an
 integer. At start-up each rank publishes its host and pid once (one all_gather). When a hang is detected:
@@ -59,15 +68,15 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 def nccl_environment() -> dict[str, str]:
     """The NCCL watchdog and flight-recorder settings `make_accelerator` sets (unless already set) on GPUs.
 
-    - TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a collective past the group's timeout aborts the communicator and
-      ends the process (the backstop behind this module's watchdog), instead of blocking forever.
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING is left to torch (3 since torch 2.2: a collective past the group's
+      timeout ends the process without `ncclCommAbort`, which can itself hang on a wedged GPU; 1 would abort).
     - TORCH_NCCL_TRACE_BUFFER_SIZE=2000 and TORCH_NCCL_DUMP_ON_TIMEOUT=1: the flight recorder keeps the
       last 2,000 collectives per rank and dumps them on a timeout, to TORCH_NCCL_DEBUG_INFO_TEMP_FILE
       (default /tmp/nccl_trace_rank_<rank>); `torchfrtrace` (torch.distributed.flight_recorder) reads them.
     - TORCH_NCCL_ENABLE_MONITORING=1: a heartbeat thread ends the process if NCCL's own watchdog hangs.
     """
-    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
-            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_ENABLE_MONITORING": "1"}
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_NCCL_ENABLE_MONITORING": "1"}
 
 
 class NoWatchdog:
@@ -88,22 +97,30 @@ NO_WATCHDOG = NoWatchdog()
 
 
 class Watchdog(NoWatchdog):
-    """Start on every rank at the same point (it creates a process group); `close` on every rank."""
+    """Start on every rank at the same point (with a process group it creates one); `close` on every rank."""
 
     def __init__(self, progress: Callable[[], Any], timeouts: Timeouts):
         self.progress, self.timeouts = progress, timeouts
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         # SLURM's node name where there is one: on a cluster it is what a user looks up (sinfo, scontrol).
         self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        # The GPU the main thread trains on (the current device is per thread): whether it still has work queued.
+        self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
         # The phase's bound; written by the main thread at phase changes only, read by the thread.
         self._bound, self._since, self._warm = timeouts.init, time.monotonic(), False
-        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeouts.init))
-        peers: list[Any] = [None] * self.world
-        dist.all_gather_object(peers, (self.host, os.getpid()), group=self._group)
-        self.peers: list[tuple[str, int]] = [tuple(p) for p in peers]
-        # One namespace per torchrun attempt: a restarted job must not read a dead attempt's verdict.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self._store = dist.PrefixStore(f"launcher-watchdog/{attempt}/", dist.distributed_c10d._get_default_store())
+        self._group = None
+        self.peers: list[tuple[str, int]] = [(self.host, os.getpid())]
+        if distributed:
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeouts.init))
+            peers: list[Any] = [None] * self.world
+            dist.all_gather_object(peers, (self.host, os.getpid()), group=self._group)
+            self.peers = [tuple(p) for p in peers]
+            # One namespace per torchrun attempt: a restarted job must not read a dead attempt's verdict.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            self._store = dist.PrefixStore(f"launcher-watchdog/{attempt}/",
+                                           dist.distributed_c10d._get_default_store())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
         self._thread.start()
@@ -126,6 +143,8 @@ class Watchdog(NoWatchdog):
 
     def _set_phase(self, bound: float) -> None:
         self._bound, self._since = bound, time.monotonic()
+        if self._group is None:
+            return
         # The group's own timeout backs the watchdog up, a little later than it fires.
         backstop = bound + 3 * self.timeouts.grace + self.timeouts.poll
         with contextlib.suppress(Exception):  # private API: its absence only loses the backstop
@@ -134,6 +153,8 @@ class Watchdog(NoWatchdog):
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        if self._group is None:
+            return
         with contextlib.suppress(Exception):  # also on the way out of a failed run: never mask its error
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=self.timeouts.init))
             dist.destroy_process_group(self._group)
@@ -141,16 +162,36 @@ class Watchdog(NoWatchdog):
     # ---------------------------------------------------------------- the watchdog thread
 
     def _watch(self) -> None:
-        last, changed = self.progress(), time.monotonic()
+        last, changed, compiling = self.progress(), time.monotonic(), False
         while not self._stop.wait(self.timeouts.poll):
             now, current = time.monotonic(), self.progress()
             if current != last:
                 last, changed, self._warm = current, now, True
+            if self._warm and _compiling() != compiling:
+                compiling = not compiling
+                self._count_compiling(1 if compiling else -1)
             bound = self._bound if self._warm else self.timeouts.init
             stalled = now - max(changed, self._since)
+            if bound < stalled <= self.timeouts.init and (compiling or self._count_compiling(0) > 0):
+                continue  # a recompilation (a new shape) takes a start-up's time, not a step's, on any rank
             if stalled > bound and not self._stop.is_set():
                 self._fire(stalled, current)
                 return
+
+    def _count_compiling(self, change: int) -> int:
+        """How many ranks are compiling (after adding `change`): one store counter, touched only when a rank
+        starts or stops compiling, and read only by a rank already past its step bound."""
+        if self._group is None:
+            return 0
+        try:
+            previous = self._store.timeout
+            self._store.set_timeout(timedelta(seconds=self.timeouts.grace))  # a frozen store host must not
+            try:                                                              # hold this thread past the bound
+                return self._store.add("compiling", change)
+            finally:
+                self._store.set_timeout(previous)
+        except Exception:  # noqa: BLE001 - an unreachable store: the step bound applies
+            return 0
 
     def _fire(self, stalled: float, position: Any) -> None:
         try:
@@ -179,7 +220,8 @@ class Watchdog(NoWatchdog):
 
     def _find_culprits(self) -> tuple[list[int], str]:
         if self.world == 1:
-            return [0], "it is the only rank"
+            _, _, where = self._main_thread_state()
+            return [0], f"it is the only rank; its main thread is at {where}"
         grace = timedelta(seconds=self.timeouts.grace)
         self._store.set_timeout(grace)  # a frozen store host must not hold us for the init timeout
         try:
@@ -209,15 +251,52 @@ class Watchdog(NoWatchdog):
             return [0], "rank 0 did not answer the monitored barrier"
 
     def _stuck_main_threads(self) -> tuple[list[int], str]:
-        where = _main_thread_location()
         states: list[Any] = [None] * self.world
-        dist.all_gather_object(states, where, group=self._group)
-        culprits = [r for r, (in_torch, _) in enumerate(states) if not in_torch]
-        if not culprits:
-            return list(range(self.world)), (f"every rank is alive and waiting inside torch (mismatched "
-                                             f"collectives?); rank 0 is at {states[0][1]}")
-        return culprits, "its main thread is not in a collective: " + "; ".join(
-            f"rank {r} at {states[r][1]}" for r in culprits)
+        dist.all_gather_object(states, self._main_thread_state(), group=self._group)
+        return name_stuck_ranks(states)
+
+    def _main_thread_state(self) -> tuple[bool, bool, str]:
+        in_torch, where = _main_thread_location()
+        return in_torch, _gpu_busy(self._device), where
+
+
+def name_stuck_ranks(states: list[tuple[bool, bool, str]]) -> tuple[list[int], str]:
+    """The culprits among live ranks that make no progress, from each one's (main thread inside torch, its GPU
+    still has work queued, where the main thread is). Waiting inside torch or on the GPU is what a healthy
+    rank does while a peer is stuck; a rank doing neither is stuck itself."""
+    culprits = [r for r, (in_torch, gpu_busy, _) in enumerate(states) if not (in_torch or gpu_busy)]
+    if not culprits:
+        return list(range(len(states))), (f"every rank is alive and waiting inside torch or on its GPU "
+                                          f"(mismatched collectives, or a GPU kernel that does not end?); "
+                                          f"rank 0 is at {states[0][2]}")
+    return culprits, "its main thread is not in a collective: " + "; ".join(
+        f"rank {r} at {states[r][2]}" for r in culprits)
+
+
+def _gpu_busy(device: int | None) -> bool:
+    """Whether the GPU's default stream still has work queued (cudaStreamQuery: it does not wait)."""
+    if device is None:
+        return False
+    try:
+        return not torch.cuda.default_stream(device).query()
+    except Exception:  # noqa: BLE001 - a GPU in an error state: say nothing about it
+        return False
+
+
+# Files only torch.compile's compilation runs in (not a compiled graph's execution): dynamo converting a frame,
+# inductor compiling a graph (also the backward's, compiled lazily in an autograd thread).
+_COMPILER_FILES = tuple(os.path.join(_TORCH_DIR, *p) for p in (("_dynamo", "convert_frame.py"),
+                                                                ("_inductor", "compile_fx.py")))
+
+
+def _compiling() -> bool:
+    """Whether some thread of this process is inside torch.compile's compiler."""
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_filename in _COMPILER_FILES:
+                return True
+            frame = frame.f_back
+    return False
 
 
 def _missing_ranks(message: str, rank: int) -> list[int]:
@@ -250,7 +329,5 @@ def _main_thread_location() -> tuple[bool, str]:
 
 
 def start_watchdog(progress: Callable[[], Any], timeouts: Timeouts) -> NoWatchdog:
-    """A Watchdog when this process is part of a process group, else the no-op one."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return NO_WATCHDOG
+    """The Watchdog, in one process as in many: the bounds hold the same way."""
     return Watchdog(progress, timeouts)

@@ -12,6 +12,7 @@ runs asynchronously on a CPU group (see launcher.faults.preemption).
 
 The package, one concern per module (a name is looked up, and so patched, in the module that uses it):
 - `accelerator`: make_accelerator, start_process_group, use_cpu;
+- `determinism`: use_deterministic_algorithms (`--deterministic`) and the settings in effect;
 - `batches`: splitting a batch, the forward pass, per-sample losses, the valid samples of a last batch;
 - `evaluation`: evaluate;
 - `options`: fit's grouped options (Monitor, EarlyStopping, Checkpointing);

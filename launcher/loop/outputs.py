@@ -97,6 +97,12 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
                                 scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure)
     run.last_checkpoint = path
     run.manager.rotate(protect=state.best_checkpoint)
+    log_checkpoint = getattr(run.tracker, "log_checkpoint", None)  # optional in a user's own Tracker
+    if log_checkpoint is not None:
+        log_checkpoint(path, step=state.global_step, best=best)  # --wandb-log-model checkpoints
+        # Rank 0 may have spent a while staging the folder as an artifact: the others wait here, inside the
+        # save's generous timeout, not in the next training step's tight one.
+        acc.wait_for_everyone()
 
 
 def _check_lease(run: FitRun) -> None:

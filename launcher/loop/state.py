@@ -55,6 +55,7 @@ class FitRun:
     last_checkpoint: Path | None = None  # the folder the latest save wrote
     train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
+    grad_norm: Any = None  # the last optimizer step's gradient norm before clipping (a device tensor)
     resumed_from: Path | None = None  # the checkpoint this launch continues
     write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
     watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.faults.watchdog)

@@ -276,8 +276,10 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
         loader = acc.skip_first_batches(train_loader, state.batches_done) if skip else train_loader
         total_batches, done_before = len(train_loader), state.batches_done
         remainder = last_batch_remainder(train_loader)
+    # A bar only on a terminal: piped into a file its redraws leave fragments; the epoch line says it all.
     bar = tqdm(total=total_batches, initial=done_before, desc=f"epoch {epoch + 1}/{epochs}",
-               disable=not (run.progress and acc.is_local_main_process), leave=False, dynamic_ncols=True)
+               disable=not (run.progress and acc.is_local_main_process and sys.stderr.isatty()), leave=False,
+               dynamic_ncols=True)
     clock = _EpochClock(state)
     run.log_mark = (time.perf_counter(), 0, 0.0, 0.0)
     model.train()
@@ -295,8 +297,8 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             outputs = forward(model, inputs)
             losses = run.per_sample(outputs, targets)
             backward(losses)
-            if acc.sync_gradients and run.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), run.max_grad_norm)
+            if acc.sync_gradients and run.max_grad_norm:  # the norm before clipping, kept on the device
+                run.grad_norm = acc.clip_grad_norm_(model.parameters(), run.max_grad_norm)
             step()
         if feed is None:
             valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, _batch_len(targets),
@@ -319,7 +321,6 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             state.samples_done = _plain_samples_done(train_loader, state.batches_done)
             last = state.batches_done == total_batches
         if state.global_step % run.log_every == 0:
-            _check_finite_local(run, stats)
             progress = state.samples_done / feed.sampler.num_samples if feed else state.batches_done / total_batches
             _log_train(run, stats, clock, epoch + progress, bar)
         if last:
@@ -360,16 +361,28 @@ class _EpochClock:
 
 
 def _log_train(run: FitRun, stats: ConfusionStats, clock: _EpochClock, epoch_progress: float, bar: Any) -> None:
-    """One host read per log interval: this process's mean training loss since the last log."""
+    """The interval's training loss, the exact mean over every rank's samples: the running loss sums and
+    sample counts are all-reduced (one collective per log interval, none per step) and read once. A loss
+    that is not finite on any rank stops the run here (Diverged)."""
     acc, c = run.accelerator, run.num_classes
-    loss_sum, seen = torch.stack([stats.buffer[-1], stats.buffer[: c * c].sum()]).tolist()
+    totals = torch.stack([stats.buffer[-1], stats.buffer[: c * c].sum()]).double()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    grad_norm = run.grad_norm if isinstance(run.grad_norm, torch.Tensor) else totals.new_full((1,), math.nan)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
+    loss_sum, seen, norm = torch.cat([totals, grad_norm.detach().reshape(1).to(totals)]).tolist()
+    if not math.isfinite(loss_sum):
+        _check_finite(run, {"training": loss_sum})
     mark_time, mark_samples, mark_loss, mark_seen = run.log_mark
     now = time.perf_counter()
     loss = (loss_sum - mark_loss) / max(seen - mark_seen, 1.0)
     lr = run.optimizer.param_groups[0]["lr"]
     rate = (clock.samples - mark_samples) * acc.num_processes / max(now - mark_time, 1e-9)
-    run.tracker.log_train(run.state.global_step, {"loss": loss, "lr": lr, "samples_per_second": rate,
-                                                  "epoch": epoch_progress})
+    metrics = {"loss": loss, "lr": lr, "samples_per_second": rate, "epoch": epoch_progress}
+    if math.isfinite(norm):
+        metrics["grad_norm"] = norm
+    run.tracker.log_train(run.state.global_step, metrics)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
     run.log_mark = (now, clock.samples, loss_sum, seen)
 

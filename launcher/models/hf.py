@@ -92,7 +92,11 @@ def load_model(name: str, data: Any, notice: Callable[[str], None] = print) -> t
         with _quiet():
             model, info = auto.from_pretrained(
                 name, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
-                ignore_mismatched_sizes=True, output_loading_info=True)
+                ignore_mismatched_sizes=True, output_loading_info=True,
+                # transformers 5 loads in the checkpoint's dtype by default ("auto"): a bf16/fp16 checkpoint would
+                # train with AdamW on half-precision weights, and fp16 mixed precision would refuse to unscale
+                # fp16 gradients. Master weights are float32; mixed precision comes from the accelerate config.
+                dtype=torch.float32)
     except ValueError as error:  # a config class this auto class does not know
         raise UsageError(f"--model hf:{name} is a {config.model_type} model, which transformers cannot build "
                          f"as {auto.__name__} for this {data.kind} dataset ({_first_line(error)[:120]})") from None

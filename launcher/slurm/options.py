@@ -28,6 +28,11 @@ def _opt(default: Any, help: str, metavar: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
+# A GPU process needs CPUs beside its main thread: DataLoader workers (--num-workers), pinned-memory copies,
+# NCCL's proxy thread. One CPU each starved them; 8 fits the usual 8-16 cores per GPU of GPU nodes.
+CPUS_PER_GPU_PROCESS = 8
+
+
 @dataclass(frozen=True)
 class SubmitOptions:
     """Everything `launcher submit` needs; the one place its defaults live."""
@@ -39,7 +44,8 @@ class SubmitOptions:
     gpus_per_node: int = _opt(0, "GPUs per node; 0 = CPU nodes (processes join a gloo group)", "N")
     procs_per_node: int | None = _opt(None, "training processes per node (default: one per GPU, or 1 on "
                                             "CPU nodes)", "N")
-    cpus_per_task: int | None = _opt(None, "CPUs for each node's task (default: 1 per training process)", "N")
+    cpus_per_task: int | None = _opt(None, "CPUs for each node's task (default: 1 per training process on CPU "
+                                           f"nodes, {CPUS_PER_GPU_PROCESS} per GPU process)", "N")
     mem: str | None = _opt(None, "memory per node, e.g. 64G (default: the partition's default)", "SIZE")
     time: str = _opt("01:00:00", "time limit ([D-]HH:MM:SS, MM:SS or minutes)", "TIME")
     partition: str | None = _opt(None, "SLURM partition (default: the cluster's default)", "NAME")
@@ -88,6 +94,12 @@ class SubmitOptions:
         if self.procs_per_node is not None:
             return self.procs_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def cpus(self) -> int:
+        """CPUs of each node's task: --cpus-per-task, else the default for the node's kind."""
+        per_process = CPUS_PER_GPU_PROCESS if self.gpus_per_node > 0 else 1
+        return self.cpus_per_task or self.processes_per_node * per_process
 
     @property
     def num_processes(self) -> int:
@@ -150,7 +162,7 @@ def resolve(options: SubmitOptions, *, cwd: str, now: float, setup: Sequence[str
         output_dir=_normal(output_dir),
         log_dir=_normal(log_dir),
         procs_per_node=options.processes_per_node,
-        cpus_per_task=options.cpus_per_task or options.processes_per_node,
+        cpus_per_task=options.cpus,
         accelerate_config=accelerate_config,
         setup=tuple(options.setup) if options.setup is not None else tuple(setup),
     )

@@ -81,7 +81,7 @@ trap forward_usr1 USR1
 # SIGTERM (scancel, the hard time limit) reaches the training processes directly: wait for them.
 trap 'echo "launcher: SIGTERM received; waiting for the training processes to stop"' TERM
 
-srun --nodes={{NODES}} --ntasks-per-node=1 --cpus-per-task={{CPUS}} --kill-on-bad-exit=1 \
+srun --nodes={{NODES}} --ntasks-per-node=1 --cpus-per-task={{CPUS}}{{SRUN_GPUS}} --kill-on-bad-exit=1 \
     bash -c "$NODE_PROGRAM" launcher-node "${ARGS[@]}" &
 srun_pid=$!
 # --- a hung rank: once a live rank has named it, the training is over; kill its job step on every node
@@ -154,7 +154,7 @@ def render_sbatch(options: SubmitOptions) -> str:
         raise ValueError("render_sbatch needs resolved options: call resolve() first")
     q = shlex.quote
     procs = o.processes_per_node
-    cpus = o.cpus_per_task or procs
+    cpus = o.cpus
     tasks = array_tasks(o)
 
     header = [
@@ -188,6 +188,8 @@ def render_sbatch(options: SubmitOptions) -> str:
     environment = [*o.setup, *(f"export {key}={q(value)}" for key, value in o.env)]
     if o.gpus_per_node == 0:
         environment.append("export ACCELERATE_USE_CPU=true  # CPU nodes: every process joins a gloo group")
+    else:
+        environment.append("export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # NCCL says why it failed, in this log")
     environment.append(f"export OMP_NUM_THREADS={max(1, cpus // procs)}  # CPU threads per training process")
 
     sweep = ""
@@ -217,6 +219,9 @@ def render_sbatch(options: SubmitOptions) -> str:
         "RESEND": str(USR1_RESEND_SECONDS),
         "NODES": str(o.nodes),
         "CPUS": str(cpus),
+        # The node's one task owns all its GPUs (torchrun gives each process its own by LOCAL_RANK): asked for
+        # on the step too, as --cpus-per-task is, and not bound per task.
+        "SRUN_GPUS": f" --gpus-per-node={o.gpus_per_node} --gpu-bind=none" if o.gpus_per_node else "",
         "MAX_REQUEUES": str(o.max_requeues),
         "EXIT_PREEMPTED": str(EXIT_PREEMPTED),
         "EXIT_HUNG": str(EXIT_HUNG),

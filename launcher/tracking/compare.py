@@ -211,22 +211,26 @@ def _check_plot_path(arg: str) -> Path:
     return path
 
 
-def plot_curves(runs: list[Run], path: Path) -> None:
-    """Loss (validation solid, training dashed) and validation accuracy per epoch, one colour per run."""
+def curves_figure(runs: list[Run]) -> Any:
+    """The figure of `plot_curves`. Each run's legend entry names its effective batch size (the usual reason
+    two curves differ, e.g. 1 vs 2 processes) and the settings that differ; the legend sits below the axes,
+    where it covers no point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = differing_keys(runs)[:3]
+    keys = [k for k in differing_keys(runs) if k != "effective_batch_size"][:3]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
-        details = ", ".join(f"{k}={format_value(run.settings.get(k, '-'))}" for k in keys)
-        label = f"{run.label} ({details})" if details else run.label
+        details = [f"{k}={format_value(run.settings.get(k, '-'))}" for k in keys]
+        if "effective_batch_size" in run.settings:
+            details.insert(0, f"effective batch {run.settings['effective_batch_size']}")
+        label = f"{run.label} ({', '.join(details)})" if details else run.label
         epochs = [r["epoch"] for r in run.rows]
         for key, style, ax, name in (("val_loss", "-", ax_loss, label), ("train_loss", "--", ax_loss, None),
-                                     ("val_accuracy", "-", ax_acc, label)):
+                                     ("val_accuracy", "-", ax_acc, None)):
             points = [(e, r[key]) for e, r in zip(epochs, run.rows) if _finite(r.get(key))]
             if points:
                 ax.plot(*zip(*points), style, color=color, marker="o", markersize=3, label=name)
@@ -235,8 +239,18 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    rows = min(len(runs), 4)
+    fig.legend(*ax_loss.get_legend_handles_labels(), loc="lower center", fontsize=8,
+               ncol=max(1, math.ceil(len(runs) / rows)), frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.03, 1, 1))
+    return fig
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    """Loss (validation solid, training dashed) and validation accuracy per epoch, one colour per run."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(runs)
     try:
         fig.savefig(path, format="png", dpi=120)
     except OSError as err:

@@ -11,9 +11,23 @@ W&B names (metrics.jsonl row key -> W&B key):
     val_loss -> val/loss, val_accuracy -> val/accuracy, val_precision/recall/f1 -> val/precision, ...
     train_loss -> epoch/train_loss, train_accuracy -> epoch/train_accuracy, lr -> epoch/lr,
     epoch_seconds -> epoch/seconds, samples_per_second -> epoch/samples_per_second
-  summary: best/val_accuracy (highest), best/val_loss (lowest), best/epoch and best/<--best-metric>
-    (the epoch --best-metric/--best-mode picks), computed by the tracker from the full history;
+  train/grad_norm: the global gradient norm before clipping, of the interval's last optimizer step.
+  summary: best/<key> for every number of the epoch row --best-metric/--best-mode picks (best/epoch,
+    best/val_loss, best/train_loss, ...: one epoch, never mixed), computed from the full history;
   at the end of a completed run: best/confusion_matrix, the confusion matrix of that best epoch.
+  eval runs (--eval-only, job type eval): the metrics as val/* in the summary, the confusion matrix, and
+    the evaluated checkpoint (path, training run id) in the config.
+
+Model artifacts (--wandb-log-model / $WANDB_LOG_MODEL): one W&B artifact `model-<run id>` of type model, a
+version per upload, aliases latest, best, final and step-<N>. A failed upload is one warning; training and
+the rest of the logging go on. Offline, the files are staged locally and `wandb sync` uploads them.
+
+Console: wandb's own lines are silenced ($WANDB_SILENT defaults to true; WANDB_SILENT=false brings them
+back); the tracker prints one line saying where the run is and, offline, how to sync it.
+
+Under a W&B sweep agent ($WANDB_SWEEP_ID set), a SIGTERM stop (exit 75) is the agent stopping the trial (early
+termination): the run ends as stopped (exit code 0 to W&B, summary `stopped_by`), not as preempted, because no
+requeue will resume it; SLURM jobs outside a sweep still end as preempted.
 
 Restarts: the run id lives in the checkpoint; a resumed job reopens the same run (resume="allow"). Because a
 job can die after an epoch was logged but before the checkpoint that covers it, the tracker asks W&B what
@@ -62,6 +76,9 @@ class Tracker(Protocol):
     def log_epoch(self, row: Mapping[str, Any]) -> None:
         """Once per completed epoch: the metrics.jsonl row (see launcher.loop)."""
 
+    def log_checkpoint(self, path: Path, *, step: int, best: bool) -> None:
+        """After every committed checkpoint (all ranks; rank 0 may upload it as a model artifact)."""
+
     def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
         """At the end of training, on success and on failure."""
 
@@ -78,6 +95,12 @@ class NullTracker:
         pass
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, *, step: int, best: bool) -> None:
+        pass
+
+    def log_evaluation(self, row: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> None:
         pass
 
     def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
@@ -210,20 +233,25 @@ def best_row(history: list[Mapping[str, Any]], metric: str, mode: str) -> Mappin
 
 
 def best_summary(history: list[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any]:
-    """Summary values from the full epoch history: best val accuracy, lowest val loss, the best epoch."""
+    """best/<key> for every number of the one epoch row --best-metric/--best-mode picks, and the epochs done.
+
+    One row, never mixed: best/val_loss is that epoch's loss, not the lowest loss of any epoch.
+    """
     out: dict[str, Any] = {}
-    accuracies = [r["val_accuracy"] for r in history if _finite(r.get("val_accuracy"))]
-    losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
-    if accuracies:
-        out["best/val_accuracy"] = max(accuracies)
-    if losses:
-        out["best/val_loss"] = min(losses)
     row = best_row(history, metric, mode)
     if row is not None:
-        out["best/epoch"] = row["epoch"]
-        out["best/" + metric] = row[metric]
+        out.update({"best/" + k: v for k, v in row.items() if _is_number(v) and k not in ("world_size",)})
     out["epochs_completed"] = max((r["epoch"] for r in history), default=0)
     return out
+
+
+def artifact_of(path: Path) -> str | None:
+    """`name:version` when `path` lies in a folder `artifact.download()` made (artifacts/<name>:<version>/)."""
+    parts = path.parts
+    for parent, folder in zip(parts, parts[1:]):
+        if parent == "artifacts" and re.fullmatch(r"[\w.-]+:[\w.-]+", folder):
+            return folder
+    return None
 
 
 def confusion_matrix_table(matrix: list[list[float]], class_names: list[str] | None) -> list[list[Any]]:
@@ -252,8 +280,10 @@ class WandbTracker:
 
     def __init__(self, run: Any, wandb_module: Any, *, history: list[Mapping[str, Any]] | None,
                  best_metric: str, best_mode: str, class_names: list[str] | None,
-                 logged_epoch: int, logged_step: int) -> None:
+                 logged_epoch: int, logged_step: int, log_model: str = "none",
+                 output_dir: Path | None = None) -> None:
         self.run_id: str | None = run.id
+        self._log_model, self._output_dir = log_model, output_dir
         self._run: Any = run
         self._wandb = wandb_module
         self._best_metric, self._best_mode = best_metric, best_mode
@@ -291,15 +321,49 @@ class WandbTracker:
         self._log_epoch_row(row)
         self._guard("summary update", self._update_summary)
 
+    def log_checkpoint(self, path: Path, *, step: int, best: bool) -> None:
+        """--wandb-log-model checkpoints: every committed checkpoint, as it is saved (rotation may delete it)."""
+        if self._run is None or self._log_model != "checkpoints":
+            return
+        row = self._history.get(max(self._history, default=0), {})
+        aliases = [f"step-{step}"] + (["best"] if best else [])
+        self._log_artifact(Path(path), aliases, {"step": step, "epochs_completed": row.get("epoch"), "best": best})
+
+    def log_evaluation(self, row: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> None:
+        """An eval-only run: the metrics in the summary, the checkpoint in the config, the confusion matrix."""
+        if self._run is None:
+            return
+        metrics = {k: v for k, v in epoch_metrics({"epoch": 0, **row}).items() if k != "epoch"}
+        self._guard("config update", lambda: self._run.config.update(
+            {f"evaluated_{k}": v for k, v in checkpoint.items()}, allow_val_change=True))
+        self._guard("summary update", lambda: self._run.summary.update(metrics))
+        artifact = artifact_of(Path(str(checkpoint.get("checkpoint", ""))))
+        if artifact is not None:  # downloaded from W&B: the lineage edge from the model to this eval
+            try:
+                self._run.use_artifact(artifact)
+            except Exception as err:  # noqa: BLE001 - lineage is a nicety, never a failure
+                log.warning("W&B use_artifact(%s) failed (%s); the checkpoint path is in the config", artifact,
+                            _one_line(err))
+        if row.get("val_confusion_matrix"):
+            matrix = row["val_confusion_matrix"]
+            self._guard("confusion matrix", lambda: self._log_matrix(matrix, "eval/confusion_matrix",
+                                                                     "Confusion matrix"))
+
     def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
         if self._run is None:
             return
         for row in history:
             self._history[int(row["epoch"])] = row
-        self._guard("summary update", self._update_summary)
-        if exit_code == 0:
+        if self._history:  # an eval run has none: its summary is the evaluation
+            self._guard("summary update", self._update_summary)
+        if exit_code == 0 and self._history:
             self._guard("confusion matrix", self._log_confusion_matrix)
-        if exit_code == 75:
+            self._log_final_artifacts()
+        if exit_code == 75 and os.environ.get("WANDB_SWEEP_ID"):
+            # A sweep agent's SIGTERM (early termination): nothing will requeue this trial, so it is stopped.
+            self._guard("summary update", lambda: self._run.summary.update({"stopped_by": "sweep agent"}))
+            exit_code = 0
+        elif exit_code == 75:
             # The job will be requeued: W&B shows the run as preempted instead of crashed.
             self._guard("mark preempting", self._run.mark_preempting)
         run, self._run = self._run, None
@@ -349,15 +413,41 @@ class WandbTracker:
         history = [self._history[e] for e in sorted(self._history)]
         row = best_row([r for r in history if r.get("val_confusion_matrix")], self._best_metric,
                        self._best_mode)
-        if row is None:
-            return
+        if row is not None:
+            self._log_matrix(row["val_confusion_matrix"], "best/confusion_matrix",
+                             f"Confusion matrix, best epoch ({row['epoch']})")
+
+    def _log_matrix(self, matrix: list[list[float]], key: str, title: str) -> None:
         table = self._wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
-                                  data=confusion_matrix_table(row["val_confusion_matrix"], self._class_names))
+                                  data=confusion_matrix_table(matrix, self._class_names))
         chart = self._wandb.plot_table("wandb/confusion_matrix/v1", table,
                                        {"Actual": "Actual", "Predicted": "Predicted",
-                                        "nPredictions": "nPredictions"},
-                                       {"title": f"Confusion matrix, best epoch ({row['epoch']})"})
-        self._run.log({"best/confusion_matrix": chart}, step=max(self._last_step, 0))
+                                        "nPredictions": "nPredictions"}, {"title": title})
+        self._run.log({key: chart}, step=max(self._last_step, 0))
+
+    def _log_final_artifacts(self) -> None:
+        """At the end of a completed run: final/ (final, checkpoints) or the best checkpoint (best)."""
+        if self._output_dir is None or self._log_model == "none":
+            return
+        final, best = self._output_dir / "final", self._output_dir / "checkpoints" / "best"
+        if self._log_model == "best" and best.exists():
+            row = best_row(list(self._history.values()), self._best_metric, self._best_mode) or {}
+            real = best.resolve()
+            self._log_artifact(real, ["best", f"step-{int(real.name.rsplit('-', 1)[-1])}"],
+                               {"epoch": row.get("epoch"), self._best_metric: row.get(self._best_metric)})
+        elif self._log_model in ("final", "checkpoints") and (final / "model.safetensors").exists():
+            self._log_artifact(final, ["final"], {"epochs_completed": max(self._history, default=0)})
+
+    def _log_artifact(self, folder: Path, aliases: list[str], metadata: Mapping[str, Any]) -> None:
+        """One version of `model-<run id>`. Never fatal: a failure is one warning and the run goes on."""
+        try:
+            artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model",
+                                            metadata={k: v for k, v in metadata.items() if v is not None})
+            artifact.add_dir(str(folder))
+            self._run.log_artifact(artifact, aliases=["latest", *aliases])
+        except Exception as err:  # noqa: BLE001 - a failed upload never fails training
+            log.warning("W&B model artifact of %s failed (%s); training and logging continue", folder,
+                        scrub(_one_line(err), secret_values(os.environ)))
 
 
 def _already_logged_offline(run: Any, run_id: str) -> tuple[int, int]:
@@ -418,6 +508,8 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
     mode, defaulted = resolve_mode(config.wandb_mode, environ, wandb_credentials_configured())
     if mode == "disabled":
         return NullTracker(run_id)
+    # wandb's own ~40 lines (banners, sparklines, sync hints) drown ours; WANDB_SILENT=false brings them back.
+    os.environ.setdefault("WANDB_SILENT", "true")
     try:
         import wandb
     except Exception as err:  # noqa: BLE001 - a broken install must not stop training
@@ -439,7 +531,8 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
             group=config.wandb_group,
             tags=config.wandb_tags,
             name=config.wandb_name or (None if environ.get("WANDB_NAME") else output_dir.resolve().name),
-            job_type=config.wandb_job_type or (None if environ.get("WANDB_JOB_TYPE") else "train"),
+            job_type=config.wandb_job_type or (None if environ.get("WANDB_JOB_TYPE") else
+                                               "eval" if config.eval_only else "train"),
             id=run_id,
             resume="allow",
             mode=mode,
@@ -454,10 +547,16 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
     except Exception as err:  # noqa: BLE001 - auth, network, bad settings: never fatal
         _warn_unavailable("init", err)
         return NullTracker(run_id)
-    if defaulted:
-        log.warning("W&B: no credentials found, so this run logs offline to %s; upload it later with "
-                    "`wandb sync %s` (or set WANDB_API_KEY / `wandb login` to log online)",
-                    run.settings.sync_dir, Path(run.settings.sync_dir).parent / f"offline-run-*-{run_id}")
+    print(where_line(run, mode, defaulted), flush=True)
     return WandbTracker(run, wandb, history=history, best_metric=config.best_metric, best_mode=config.best_mode,
                         class_names=run_info.get("class_names"), logged_epoch=logged_epoch,
-                        logged_step=logged_step)
+                        logged_step=logged_step, log_model=config.log_model(), output_dir=output_dir)
+
+
+def where_line(run: Any, mode: str, defaulted: bool) -> str:
+    """Our one console line about W&B (wandb's own are silenced): where the run is, how to upload it."""
+    if mode != "offline":
+        return f"W&B: run {run.id} at {run.url}"
+    why = " (no credentials found: set WANDB_API_KEY or `wandb login` to log online)" if defaulted else ""
+    pattern = Path(run.settings.sync_dir).parent / f"offline-run-*-{run.id}"
+    return f"W&B: offline run {run.id} in {run.settings.sync_dir}{why}; upload it with `wandb sync {pattern}`"

@@ -112,6 +112,8 @@ class RunFile:
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per step, with "_step"
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # define_metric calls
+    # log_artifact calls: {"name", "type", "aliases", "files" (paths in the artifact), "metadata"}
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int | None = None  # None: the process never reported an exit (killed)
     preempting: bool = False
     complete: bool = True  # False: the file ends in a truncated or corrupt chunk
@@ -197,6 +199,11 @@ def read_run_file(path: str | Path) -> RunFile:
             m = record.metric
             run.metrics.append({"name": m.name or m.glob_name, "step_metric": m.step_metric,
                                 "summary": [f.name for f, v in m.summary.ListFields() if v]})
+        elif kind == "artifact":
+            a = record.artifact
+            run.artifacts.append({"name": a.name, "type": a.type, "aliases": sorted(a.aliases),
+                                  "files": sorted(c.path for c in a.manifest.contents),
+                                  "metadata": json.loads(a.metadata) if a.metadata else {}})
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
         elif kind == "preempting":
