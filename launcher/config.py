@@ -23,7 +23,12 @@ import yaml
 
 from launcher.errors import UsageError
 from launcher.faults.timeouts import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_INIT_TIMEOUT, check_timeouts
-from launcher.tasks.classification import VAL_METRIC_NAMES
+from launcher.tasks import PROBLEM_TYPES
+
+# Every validation metric a recipe run can produce, whatever its problem type (launcher.tasks); fit then
+# refuses one the run's own task does not produce, before training.
+VAL_METRIC_NAMES = ("val_accuracy", "val_loss", "val_precision", "val_recall", "val_f1", "val_f1_micro",
+                    "val_f1_macro", "val_exact_match", "val_mae", "val_rmse", "val_r2")
 
 WANDB_LOG_MODEL_CHOICES = ("none", "final", "best", "checkpoints")
 # $WANDB_LOG_MODEL as HF Trainer and Lightning users set it, mapped onto --wandb-log-model.
@@ -66,8 +71,11 @@ class TrainConfig:
                                                 "(default: the dataset's one or two string columns)",
                                           relaunch="fixed")
     max_length: int = _opt(128, "text is truncated to this many tokens (--model hf: text models)", relaunch="fixed")
-    label_column: str | None = _opt(None, "column holding the class labels (default: auto-detect)",
+    label_column: str | None = _opt(None, "column holding the labels or targets (default: auto-detect)",
                                     relaunch="fixed")
+    problem_type: str | None = _opt(None, "what the label column asks (default: detected from it: integer ids or "
+                                          "names -> single label, lists of ids or multi-hot -> multi-label, "
+                                          "floats -> regression)", PROBLEM_TYPES, relaunch="fixed")
     val_fraction: float = _opt(0.2, "fraction carved (deterministically, by --seed) for validation "
                                     "when the dataset has no validation split", relaunch="fixed")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
@@ -110,10 +118,11 @@ class TrainConfig:
     # One seed for the split and the weights: a relaunch keeps it (the split must not move under a run).
     seed: int = _opt(0, "seed for weights, data order and the validation split", relaunch="fixed")
     # validation, early stopping, best checkpoint
-    best_metric: str = _opt("val_accuracy", "validation metric for early stopping, plateau LR and the best "
-                                            "checkpoint", VAL_METRIC_NAMES, relaunch="fixed")
-    best_mode: str = _opt("max", "whether --best-metric improves upward or downward", ("max", "min"),
-                          relaunch="fixed")
+    best_metric: str | None = _opt(None, "validation metric for early stopping, plateau LR and the best "
+                                         "checkpoint (default: the task's: val_accuracy, val_f1_micro for "
+                                         "multi-label, val_loss for regression)", VAL_METRIC_NAMES, relaunch="fixed")
+    best_mode: str | None = _opt(None, "whether --best-metric improves upward or downward (default: the "
+                                       "metric's own direction)", ("max", "min"), relaunch="fixed")
     early_stopping_patience: int | None = _opt(None, "stop after this many epochs without improvement")
     # output, checkpoints, resume
     output_dir: str | None = _opt(None, "where metrics, checkpoints and final weights go, a local folder (default: "
@@ -126,6 +135,8 @@ class TrainConfig:
     keep_last: int = _opt(3, "number of newest checkpoints to keep (the best one is always kept)")
     eval_only: bool = _opt(False, "evaluate the weights of --resume CHECKPOINT_DIR and write eval.json",
                            relaunch="launch")
+    predictions: str | None = _opt(None, "with --eval-only: write one row per validation sample (index, label, "
+                                         "prediction, probabilities) to this .parquet file", relaunch="launch")
     force: bool = _opt(False, "train even when another live run holds --output-dir (its claim is broken, "
                               "with a warning; see docs/faults.md)", relaunch="launch")
     log_every: int = _opt(50, "log the training loss every N optimizer steps")
@@ -194,6 +205,9 @@ class TrainConfig:
                              f"{','.join(self.text_columns)!r}")
         if self.eval_only and self.resume in ("auto", "never"):
             raise UsageError("--eval-only needs --resume CHECKPOINT_DIR naming the weights to evaluate")
+        if self.predictions is not None and not (self.eval_only and self.predictions.endswith(".parquet")):
+            raise UsageError("--predictions FILE.parquet goes with --eval-only (it writes the evaluated split's "
+                             "predictions)")
         if self.force and self.eval_only:
             raise UsageError("--force takes over a folder for training; --eval-only claims nothing, drop --force")
         for name in _field_types():

@@ -1,6 +1,7 @@
-"""Image and tabular classification, from a laptop CPU to many GPU nodes, with the same code.
+"""Image, text and tabular classification and regression, from a laptop CPU to many GPU nodes, with the same code.
 
     accelerate launch recipes/classify.py                       # digits (embedded), 1 process
+    accelerate launch recipes/classify.py --dataset diabetes.csv --label-column target   # float target: regression
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml recipes/classify.py --epochs 5
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/classify.py \\
         --dataset cifar10 --model resnet
@@ -15,6 +16,7 @@ Copy this file and change it: the steps below run in dependency order, each a sh
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,8 +26,19 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
-from launcher import Checkpointing, EarlyStopping, Monitor, evaluate, fit, make_accelerator
+from launcher import (
+    Checkpointing,
+    EarlyStopping,
+    Monitor,
+    MultiLabelClassification,
+    Regression,
+    SingleLabelClassification,
+    evaluate,
+    fit,
+    make_accelerator,
+)
 from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
+from launcher.checkpoint.files import write_parquet_atomic
 from launcher.checkpoint.relaunch import (
     choose_checkpoint,
     describe_abandoned,
@@ -42,7 +55,7 @@ from launcher.data.text import TextOptions
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.faults.lease import claim_for_ranks
 from launcher.faults.write_failures import main_writes
-from launcher.loop import default_unpack, finite_or_none, forward, start_process_group
+from launcher.loop import default_unpack, finite_or_none, forward, predict, start_process_group
 from launcher.loop.determinism import determinism_settings
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
@@ -98,6 +111,9 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
             if config.streaming:
+                if config.problem_type not in (None, "single_label_classification"):
+                    raise UsageError(f"--streaming trains single-label classifiers only; drop --streaming for "
+                                     f"--problem-type {config.problem_type}")
                 if config.augment != "none":
                     raise UsageError("--augment is not available with --streaming yet; use --augment none")
                 data = load_stream_splits(config.dataset, seed=config.seed, label_column=config.label_column,
@@ -111,18 +127,38 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
                                    seed=config.seed, augment=config.augment, image_size=config.image_size,
                                    image_mean=config.image_mean, image_std=config.image_std,
                                    dataset_config=config.dataset_config, text_columns=config.text_columns,
-                                   text=text)
+                                   text=text, problem_type=config.problem_type)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:
         raise error
-    if data.num_classes < 2:
+    single = data.problem_type == "single_label_classification"
+    accelerator.print(f"problem type: {data.problem_type} ({data.problem_reason}, {data.num_classes} "
+                      f"{'classes' if 'classification' in data.problem_type else 'target(s)'}); "
+                      f"--problem-type sets another")
+    if single and data.num_classes < 2:
         raise UsageError(f"dataset {data.name} has {data.num_classes} class ({', '.join(data.class_names)}) in "
                          f"--label-column {config.label_column or '(auto-detected)'}; classification needs at "
                          f"least two: check the dataset and the label column")
     if hf.is_hf(config.model) and data.kind == "image":  # the model's image processor, not our standardization
         data = hf.with_image_processor(data, hf.model_name(config.model), notice=accelerator.print)
     return data
+
+
+def setup_task(data: DataSplits, num_outputs: int) -> Any:
+    """The task the label column asks for (launcher.tasks), named as transformers' problem_type."""
+    if data.problem_type == "regression":
+        return Regression(num_outputs, target_mean=data.target_mean, target_std=data.target_std)
+    if data.problem_type == "multi_label_classification":
+        return MultiLabelClassification(num_outputs)
+    return SingleLabelClassification(num_outputs)
+
+
+def setup_monitor(config: TrainConfig, task: Any) -> TrainConfig:
+    """--best-metric/--best-mode resolved for the task (its own by default); a metric it never reports fails
+    here, before anything is written."""
+    monitor = Monitor(config.best_metric, config.best_mode).resolve(task, ())
+    return dataclasses.replace(config, best_metric=monitor.metric, best_mode=monitor.mode)
 
 
 def setup_model(config: TrainConfig, accelerator: Accelerator, data: DataSplits) -> tuple[torch.nn.Module, int]:
@@ -135,6 +171,12 @@ def setup_model(config: TrainConfig, accelerator: Accelerator, data: DataSplits)
     model.eval()
     with torch.no_grad():
         outputs = forward(model, inputs)  # the logits, whatever the model returns them in
+    if data.problem_type != "single_label_classification":
+        if outputs[0].numel() != data.num_classes:
+            raise UsageError(f"dataset {data.name} has {data.num_classes} {data.problem_type.replace('_', ' ')} "
+                             f"target(s) per sample but model {config.model} outputs shape {tuple(outputs.shape[1:])}; "
+                             f"build it with num_classes={data.num_classes}")
+        return model, data.num_classes
     if outputs.dim() != 2 or outputs.shape[-1] < data.num_classes:
         raise UsageError(f"dataset {data.name} has {data.num_classes} classes (labels 0..{data.num_classes - 1}) "
                          f"but model {config.model} outputs shape {tuple(outputs.shape[1:])} per sample; "
@@ -155,6 +197,7 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, mo
         "dataset": data.name,
         "model": config.model,
         "num_classes": num_classes,
+        "problem_type": data.problem_type,
         "class_names": list(data.class_names),  # W&B's confusion matrix and eval.json name the classes
         "train_samples": len(data.train),
         "val_samples": len(data.val),
@@ -168,8 +211,9 @@ def run_info(config: TrainConfig, accelerator: Accelerator, data: DataSplits, mo
 
 
 def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Path, data: DataSplits,
-                  model: torch.nn.Module, checkpoint: Path, num_classes: int, info: dict, trained: dict) -> None:
-    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config.
+                  model: torch.nn.Module, checkpoint: Path, task: Any, info: dict, trained: dict) -> None:
+    """Scores the split the checkpoint was validated on: its seed and val fraction come from its config;
+    --predictions also writes every sample's prediction, once, in the split's order.
 
     The scores also go to a W&B run of job type eval, which names the checkpoint and the training run."""
     load_weights(model, checkpoint)  # sharded or not, whatever world size wrote it: the whole model per process
@@ -177,16 +221,21 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
                          num_workers=config.num_workers, seed=config.seed)
     # Evaluation needs no sharding or DDP wrapper (accelerate's FSDP2 prepare also wants an optimizer).
     model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
-    metrics = evaluate(model, loader, torch.nn.CrossEntropyLoss(), num_classes=num_classes,
-                       accelerator=accelerator)
+    metrics = evaluate(model, loader, task=task, accelerator=accelerator)
+    if config.predictions:  # every rank predicts its share; rank 0 writes them all, in the split's order
+        rows = predict(model, loader, task, accelerator=accelerator)
+        main_writes(accelerator.is_main_process, Path(config.predictions), "predictions",
+                    lambda: write_parquet_atomic(Path(config.predictions), rows))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
         write_json_atomic(output_dir / "eval.json", {**row, "world_size": accelerator.num_processes,
                                                      "checkpoint": str(checkpoint),
+                                                     "problem_type": data.problem_type,
                                                      "class_names": list(data.class_names)})
-        print(f"eval of {checkpoint}: val_loss {metrics.loss:.4f} val_accuracy {metrics.accuracy:.4f} "
-              f"val_f1 {metrics.f1:.4f} on {metrics.samples} samples -> {output_dir / 'eval.json'}")
+        shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+        print(f"eval of {checkpoint}: {shown} on {metrics.samples} samples -> {output_dir / 'eval.json'}"
+              + (f", predictions -> {config.predictions}" if config.predictions else ""))
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info, resume_run_id=None)
     tracker.log_evaluation(metrics.as_row("val"), {"checkpoint": str(checkpoint.resolve()),
                                                    "run_id": trained.get("extra", {}).get("wandb_run_id")})
@@ -221,9 +270,11 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, accelerator, data)
+    task = setup_task(data, num_classes)
+    config = setup_monitor(config, task)
     info = run_info(config, accelerator, data, model, num_classes)
     if config.eval_only:
-        run_eval_only(config, accelerator, output_dir, data, model, checkpoint, num_classes, info, resumed)
+        run_eval_only(config, accelerator, output_dir, data, model, checkpoint, task, info, resumed)
         return
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=config.best_mode,
@@ -255,8 +306,8 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
         config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
         lease=lease, export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
     patience = config.early_stopping_patience
-    fit(model, optimizer, train_loader, val_loader, torch.nn.CrossEntropyLoss(), epochs=config.epochs,
-        num_classes=num_classes, accelerator=accelerator, scheduler=scheduler,
+    fit(model, optimizer, train_loader, val_loader, epochs=config.epochs, task=task,
+        accelerator=accelerator, scheduler=scheduler,
         max_grad_norm=config.max_grad_norm or None, monitor=Monitor(config.best_metric, config.best_mode),
         early_stopping=EarlyStopping(patience) if patience is not None else None, checkpointing=checkpointing,
         log_every=config.log_every, tracker=tracker, find_unused_parameters=config.find_unused_parameters)

@@ -22,7 +22,7 @@ ALLOWED = {
     "models": {"data"},
     "config": {"tasks", "faults"},
     "slurm": {"faults"},
-    "data": set(),
+    "data": {"tasks"},
     "faults": set(),
     "tasks": set(),
     "schedulers": set(),

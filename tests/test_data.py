@@ -303,7 +303,9 @@ def _parquet_with_missing_label(tmp_path):
             {},
             "'name' (text) is not",
         ),
-        (lambda p: _csv(p, {"a": [1.0, 2.0], "label": [0.5, 1.5]}), {}, "label column 'label' holds float64"),
+        # float labels are a regression unless classification is asked for
+        (lambda p: _csv(p, {"a": [1.0, 2.0], "label": [0.5, 1.5]}), {"problem_type": "single_label_classification"},
+         "label column 'label' holds float64"),
         (lambda p: _csv(p, {"a": [1.0, 2.0, 3.0], "label": [0, -1, 1]}), {}, "negative labels"),
         (
             lambda p: _parquet_with_missing_label(p),
@@ -328,7 +330,7 @@ def _parquet_with_missing_label(tmp_path):
         ),
         (
             lambda p: _csv(p, {"a": [1.0, 2.0], "label": ["x", "y"]}),
-            {"image_column": "label", "label_column": "a"},
+            {"image_column": "label", "label_column": "a", "problem_type": "single_label_classification"},
             "holds float64",
         ),
         (lambda p: _csv(p, {"label": [0, 1]}), {}, "no input columns"),

@@ -165,7 +165,7 @@ def test_a_non_finite_loss_stops_fit_at_the_next_log_interval(tmp_path):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: Monitor("val_acc"), "Monitor metric 'val_acc' is not a metric; choose one of val_accuracy, val_loss"),
+    (lambda: Monitor("acc"), "Monitor metric 'acc' is not a validation metric: name a val_\\* key"),
     (lambda: Monitor("val_loss", "down"), "Monitor mode must be 'max' or 'min'"),
     (lambda: EarlyStopping(patience=0), "EarlyStopping patience must be a whole number of epochs >= 1"),
     (lambda: Checkpointing("runs/x", save_every_steps=0), "Checkpointing save_every_steps must be >= 1"),
@@ -184,3 +184,17 @@ def test_grad_norm_is_logged_before_clipping():
         epochs=1, num_classes=3, max_grad_norm=1e-3, log_every=1, tracker=rec, progress=False)
     norms = [m["grad_norm"] for _, m in rec.train]
     assert len(norms) == 4 and all(n > 1e-2 for n in norms)  # the norm as computed, not the clipped 1e-3
+
+
+def test_fit_refuses_a_monitor_name_the_run_never_produces_before_training():
+    """Monitor accepts any val_* name when built (user metrics are named by the caller); fit checks it."""
+    from launcher import UsageError
+
+    model, opt = model_and_opt()
+    before = [p.detach().clone() for p in model.parameters()]
+    data = blobs(n=32)
+    with pytest.raises(UsageError, match="Monitor metric 'val_acc' is not a metric; choose one of val_accuracy, "
+                                         "val_loss, val_precision, val_recall, val_f1$"):
+        fit(model, opt, DataLoader(data, batch_size=16), DataLoader(data, batch_size=16), nn.CrossEntropyLoss(),
+            epochs=1, num_classes=3, monitor=Monitor("val_acc"), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing trained

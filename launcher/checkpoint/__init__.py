@@ -6,12 +6,14 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step-00000420/`:
     optimizer.pt        optimizer state_dict     } torch.save of plain tensors/numbers,
     scheduler.pt        LR scheduler state_dict  } loaded with weights_only=True
     scaler.pt           fp16 grad scaler (only with fp16)
-    rng.pt              python/numpy/torch/CUDA RNG states of every rank
+    rng.pt              python/numpy/torch/CUDA RNG states of rank 0; rng-00001.pt ... of the other ranks,
+                        each written by its rank (rank_state)
     trainer_state.json  epoch, position inside the epoch, global step, history, best/early-stopping
                         state, the resolved config and `extra` (e.g. the W&B run id)
     manifest.json       written last: file sizes and sha256, step. No manifest, no checkpoint.
 
-Every rank takes part in `save` (the RNG states are gathered to rank 0), only rank 0 writes, into
+Every rank takes part in `save` (each writes its own RNG file, one all-reduce sums the partial-epoch
+statistics that rank 0 stores), rank 0 writes the shared files, into
 `checkpoints/.tmp-step-.../`, fsyncs, renames it into place and fsyncs the folder; then all ranks learn
 together whether it worked (launcher.faults.write_failures.agree). A failed write removes its temp folder and
 raises WriteFailed on every rank; the earlier checkpoints and `best` are untouched.
@@ -28,7 +30,8 @@ The package, one concern per module (a name is looked up, and so patched, in the
 - `files`: durable writes (fsync, write_json_atomic, write_text_atomic, append_line_durable), sha256,
   save_weights;
 - `rng`: capture_rng and restore_rng, a process's RNG states;
-- `collective`: gathering to all ranks, the barrier, first_error (no-ops in a single process);
+- `collective`: the barrier, first_error, rank 0's verdict for all (no-ops in a single process; O(1) per rank);
+- `rank_state`: what each rank contributes: its own RNG file, the training statistics summed;
 - `manager`: CheckpointManager: saving on every rank, the atomic write by rank 0, rotation, `best`;
 - `loading`: read_checkpoint, apply_checkpoint, load_checkpoint, read_weights, load_model_weights and the
   checks of the weights, optimizer, scheduler and scaler against this run;
@@ -62,10 +65,12 @@ from launcher.checkpoint.layout import (
     list_checkpoints,
     plain_state_dict,
     validate,
+    validated_once,
 )
 from launcher.checkpoint.loading import (
     LoadedCheckpoint,
     apply_checkpoint,
+    check_fits,
     check_optimizer_state,
     check_weights,
     load_checkpoint,
@@ -96,6 +101,7 @@ __all__ = [
     "append_line_durable",
     "apply_checkpoint",
     "capture_rng",
+    "check_fits",
     "check_optimizer_state",
     "check_weights",
     "checkpoint_name",
@@ -114,6 +120,7 @@ __all__ = [
     "restore_rng",
     "save_weights",
     "validate",
+    "validated_once",
     "write_json_atomic",
     "write_text_atomic",
 ]

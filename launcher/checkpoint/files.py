@@ -69,6 +69,36 @@ def append_line_durable(path: Path, line: str) -> None:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Weights as safetensors on the CPU: what checkpoints and final/ hold, loadable without unpickling."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path),
-              metadata={"format": "pt"})
+    """Weights as safetensors on the CPU: what checkpoints and final/ hold, loadable without unpickling.
+
+    Tied or otherwise shared parameters (GPT-2's tie_word_embeddings: the embedding and the output head are
+    one tensor under two names) break safetensors' rule that no two tensors share memory. transformers drops
+    the tied names and re-ties them after loading; here every name keeps its own copy instead, so every file
+    still loads with a plain `load_file` + `load_state_dict(strict=True)` (export, final/, other tools), and
+    loading writes the same values into the one shared parameter. Costs the shared tensors' size on disk.
+    """
+    tensors, storages = {}, set()
+    for name, value in state_dict.items():
+        tensor = value.detach().contiguous().cpu()
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if storage in storages:
+            tensor = tensor.clone()
+        elif storage is not None:
+            storages.add(storage)
+        tensors[name] = tensor
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_parquet_atomic(path: Path, columns: dict[str, list]) -> None:
+    """A table of plain columns as parquet, written whole or not at all (temp file, fsync, rename)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(pa.table(columns), tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -86,9 +86,32 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[str]:
                   if p.is_dir() and not p.is_symlink() and p.name.startswith("step-"))
 
 
+# Checkpoints this process validated, with their manifest's identity at that moment: a resume hashes each
+# file once (rank 0 chooses the checkpoint, then loads it) instead of once per step of the way.
+_VALIDATED: dict[str, tuple] = {}
+
+
+def _manifest_identity(path: Path) -> tuple | None:
+    try:
+        st = (path / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def validated_once(path: str | os.PathLike) -> None:
+    """`validate`, unless this process already validated this checkpoint and its manifest is unchanged."""
+    path = Path(path)
+    key = str(path.resolve())
+    identity = _manifest_identity(path)
+    if identity is None or _VALIDATED.get(key) != identity:
+        validate(path)
+
+
 def validate(path: str | os.PathLike) -> dict:
     """Return the manifest of a complete checkpoint, or raise CheckpointError saying what is wrong."""
     path = Path(path)
+    identity = _manifest_identity(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
@@ -105,4 +128,6 @@ def validate(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}/{fname} has {file.stat().st_size} bytes, expected {meta['size']}")
         if "sha256" in meta and _sha256(file) != meta["sha256"]:  # sharded checkpoints: sizes only for shards
             raise CheckpointError(f"{path}/{fname} does not match its checksum (corrupted)")
+    if identity is not None and identity == _manifest_identity(path):
+        _VALIDATED[str(path.resolve())] = identity
     return manifest

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from launcher.checkpoint.layout import (
@@ -20,6 +21,7 @@ from launcher.checkpoint.layout import (
     plain_state_dict,
     validate,
 )
+from launcher.checkpoint.rank_state import read_rank_rng, read_stats
 from launcher.errors import UsageError
 
 
@@ -122,11 +124,27 @@ def _torch_load(path: Path, **kw: Any) -> Any:
         raise CheckpointMismatch(f"cannot load {path.name}: {str(err).splitlines()[0]}") from None
 
 
+def check_fits(path: Path, *, model: torch.nn.Module, optimizer: Any) -> None:
+    """Whether the checkpoint's weights and optimizer state fit `model` and `optimizer`, from the safetensors
+    header and a memory-mapped optimizer.pt: names and shapes only, no tensor data read. Raises
+    CheckpointError (CheckpointMismatch: valid, but does not fit)."""
+    file = Path(path) / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+    check_weights(model, plain_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}))
+    check_optimizer_state(optimizer, _torch_load(Path(path) / "optimizer.pt", mmap=True, map_location="cpu"))
+
+
 def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
-                    scaler: Any = None, rank: int = 0) -> LoadedCheckpoint:
+                    scaler: Any = None, rank: int = 0, verify: bool = True) -> LoadedCheckpoint:
     """Read and check every file of the checkpoint against the (unwrapped) model, optimizer, scheduler and
-    scaler, changing none of them. Raises CheckpointError (CheckpointMismatch: valid, but does not fit)."""
-    validate(path)
+    scaler, changing none of them. Raises CheckpointError (CheckpointMismatch: valid, but does not fit).
+    `verify=False`: the manifest check (sizes, sha256) was done already (on rank 0, see loop.resume)."""
+    if verify:
+        validate(path)
     weights = read_weights(path)
     check_weights(model, weights)
     device = next(model.parameters()).device
@@ -139,17 +157,24 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, sched
     if scaler is not None and (path / "scaler.pt").exists():
         scaler_state = _torch_load(path / "scaler.pt")
         _check_same_keys("scaler.pt", scaler.state_dict(), scaler_state)
+    state, stats = trainer_state_of(path, rank)
+    try:
+        rng = read_rank_rng(path, rank, load=_torch_load)  # this rank's file only
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
+    return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
+                            scaler=scaler_state, state=state, rng=rng, stats=stats)
+
+
+def trainer_state_of(path: Path, rank: int) -> tuple[TrainerState, dict | None]:
+    """The checkpoint's TrainerState and this rank's share of its partial-epoch statistics."""
     try:
         raw = read_trainer_state(path)
-        rank_stats = raw.pop("train_stats") or []
-        known = set(TrainerState.__dataclass_fields__)
-        state = TrainerState(**{k: v for k, v in raw.items() if k in known})
+        stats = read_stats(raw, rank)
+        known = set(TrainerState.__dataclass_fields__) - {"train_stats"}
+        return TrainerState(**{k: v for k, v in raw.items() if k in known}), stats
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CheckpointMismatch(f"{TRAINER_STATE} does not hold a trainer state ({err})") from None
-    ranks = _torch_load(path / "rng.pt")["ranks"]
-    return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
-                            scaler=scaler_state, state=state, rng=ranks[rank] if rank < len(ranks) else None,
-                            stats=rank_stats[rank] if rank < len(rank_stats) else None)
 
 
 def apply_checkpoint(loaded: LoadedCheckpoint, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,

@@ -1,4 +1,10 @@
-"""`CheckpointManager`: every rank saves together, rank 0 writes atomically; rotation, `best`, stale temp folders."""
+"""`CheckpointManager`: every rank saves together, rank 0 writes atomically; rotation, `best`, stale temp folders.
+
+A save costs every rank O(1) at any world size and two collectives: each rank writes its own RNG file into
+the temp folder, one all-reduce sums the training statistics (and each rank's health flags: its RNG file
+written, the caller's checks), rank 0 writes the shared files and commits, and `agree` (one all-reduce of one
+number) tells every rank the outcome. No rank receives another rank's state.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,11 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from launcher.checkpoint.collective import _gather_to_all
 from launcher.checkpoint.files import _fsync_path, _sha256, save_weights
 from launcher.checkpoint.layout import (
     FAULT_ENV,
@@ -27,6 +33,7 @@ from launcher.checkpoint.layout import (
     list_checkpoints,
     plain_state_dict,
 )
+from launcher.checkpoint.rank_state import STATS_REDUCED, reduce_with_flags, rng_file, tmp_suffix, write_rank_rng
 from launcher.checkpoint.rng import capture_rng
 from launcher.errors import LeaseLost, RunStopped
 from launcher.faults.write_failures import agree, write_failed
@@ -47,35 +54,59 @@ class CheckpointManager:
 
     def save(self, state: TrainerState, *, model_state: dict[str, torch.Tensor], optimizer: Any,
              scheduler: Any = None, scaler: Any = None, best: bool = False,
-             failure: RunStopped | None = None) -> Path:
+             failure: RunStopped | None = None, flags: Sequence[float] = (),
+             check: Callable[[list[float]], None] | None = None) -> Path:
         """Write one complete checkpoint (and point `best` at it). Every rank calls this; returns the folder.
 
         `failure`: an earlier write of this rank that failed (e.g. the metrics line); it is reported with
         this save's outcome instead of writing. Raises WriteFailed or LeaseLost on every rank together.
+        `flags`, `check`: numbers of this rank (e.g. 1.0 for 'my weights are not finite') summed over the ranks
+        in the save's one reduction; `check(sums)` runs on every rank before anything is committed and may
+        raise to abandon the save (the temp folder is removed).
         """
-        rng_states = _gather_to_all(capture_rng())
-        train_stats = _gather_to_all(state.train_stats)
-        name = checkpoint_name(state.global_step)
-        final = self.root / name
-        if self.is_main and failure is None:
-            failure = self._guarded_write(final, state, train_stats, rng_states, plain_state_dict(model_state),
-                                          optimizer, scheduler, scaler, best)
+        final = self.root / checkpoint_name(state.global_step)
+        tmp = self._tmp(final)
+        mine = self._write_own_rng(tmp, final)  # before the reduction below: rank 0 commits after it
+        stats, sums = reduce_with_flags(state.train_stats, [float(mine is not None), *flags])
+        if check is not None:
+            try:
+                check(sums[1:])
+            except BaseException:
+                if self.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        failure = failure or mine
+        if self.is_main and failure is None and not sums[0]:
+            failure = self._guarded_write(final, state, stats, plain_state_dict(model_state), optimizer,
+                                          scheduler, scaler, best)
+        elif self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # another rank could not write its file: no checkpoint
         agree(failure)  # nobody goes on (or exits) before the checkpoint is complete on disk, or all stop
         return final
 
-    def _tmp(self, final: Path) -> Path:
-        return self.root / f".tmp-{final.name}-{os.getpid()}"
+    def _write_own_rng(self, tmp: Path, final: Path) -> RunStopped | None:
+        """This rank's RNG states into the shared temp folder (every rank creates it: no collective before)."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            write_rank_rng(tmp, rank, capture_rng())
+        except Exception as err:  # noqa: BLE001 - torch.save raises non-OSError types on a full disk
+            return write_failed(err, self.root, f"checkpoint {final.name} (rank {rank}'s {rng_file(rank)})")
+        return None
 
-    def _guarded_write(self, final: Path, state: TrainerState, train_stats: list, rng_states: list,
-                       model_state: dict, optimizer: Any, scheduler: Any, scaler: Any,
-                       best: bool) -> RunStopped | None:
+    def _tmp(self, final: Path) -> Path:
+        return self.root / f".tmp-{final.name}-{tmp_suffix()}"
+
+    def _guarded_write(self, final: Path, state: TrainerState, train_stats: dict | None, model_state: dict,
+                       optimizer: Any, scheduler: Any, scaler: Any, best: bool) -> RunStopped | None:
         try:
             if self.lease is not None:
                 self.lease.check()  # a stale writer never overwrites what the folder's new owner wrote
-            self._write(final, state, train_stats, rng_states, model_state, optimizer, scheduler, scaler)
+            self._write(final, state, train_stats, model_state, optimizer, scheduler, scaler)
             if best:
                 self.mark_best(final.name)
         except LeaseLost as err:
+            self._discard(final)
             return err
         except Exception as err:  # noqa: BLE001 - torch.save and safetensors raise non-OSError types
             failure = write_failed(err, self.root, f"checkpoint {final.name}")
@@ -91,20 +122,16 @@ class CheckpointManager:
             with contextlib.suppress(OSError):
                 os.replace(trash, final)
 
-    def _write(self, final: Path, state: TrainerState, train_stats: list, rng_states: list,
-               model_state: dict, optimizer: Any, scheduler: Any, scaler: Any) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp(final)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    def _write(self, final: Path, state: TrainerState, train_stats: dict | None, model_state: dict,
+               optimizer: Any, scheduler: Any, scaler: Any) -> None:
+        tmp = self._tmp(final)  # every rank's RNG file is in it already
         fault = os.environ.get(FAULT_ENV) == str(state.global_step)
         payload = asdict(state)
-        payload["train_stats"] = train_stats  # one entry per rank
+        payload["train_stats"] = train_stats  # every rank's, summed (launcher.checkpoint.rank_state)
+        payload[STATS_REDUCED] = True
         files = {
             "model.safetensors": lambda p: save_weights(model_state, p),
             "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
-            "rng.pt": lambda p: torch.save({"ranks": rng_states}, p),
             TRAINER_STATE: lambda p: Path(p).write_text(json.dumps(payload, indent=1)),
         }
         if scheduler is not None:
@@ -123,6 +150,13 @@ class CheckpointManager:
             manifest["files"][fname] = {"size": path.stat().st_size, "sha256": _sha256(path)}
             if fault and i == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
+        for rank in range(dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
+            # Each rank's RNG file, written and fsynced by that rank; rank 0 hashes its own, sizes the others
+            # (reading a thousand files at every save would make it O(world size)).
+            path = tmp / rng_file(rank)
+            manifest["files"][path.name] = {"size": path.stat().st_size}
+            if rank == 0:
+                manifest["files"][path.name]["sha256"] = _sha256(path)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoint.collective import _barrier, first_error
+from launcher.checkpoint.collective import main_decides
 from launcher.checkpoint.layout import (
     CHECKPOINTS,
     LEASE_PREFIX,
@@ -22,8 +22,9 @@ from launcher.checkpoint.layout import (
     checkpoints_dir,
     list_checkpoints,
     validate,
+    validated_once,
 )
-from launcher.checkpoint.loading import read_checkpoint
+from launcher.checkpoint.loading import check_fits
 from launcher.errors import UsageError
 
 
@@ -77,38 +78,46 @@ def loadable_checkpoint(path: Path | None, *, model: torch.nn.Module, optimizer:
     """Collective: `path` if it loads into `model` and `optimizer`; with `fallback` (--resume auto) the
     newest older checkpoint that does, else a UsageError naming what does not match.
 
-    A checkpoint skipped by the fallback is renamed `checkpoints/unloadable-step-...` (kept for the user,
-    out of the resume order and of rotation), with one warning line saying what is wrong with it.
+    Rank 0 alone decides (every rank builds the same model) and broadcasts its answer: each candidate is
+    validated once in this process (`validated_once`: the one `resolve_resume` chose is not hashed again) and
+    matched by names and shapes only (`check_fits`: no tensor data is read). A checkpoint skipped by the
+    fallback is renamed `checkpoints/unloadable-step-...` (kept for the user, out of the resume order and of
+    rotation), with one warning line saying what is wrong with it.
     """
     if path is None:
         return None
+    kind, value = main_decides(lambda: _choose_loadable(path, model, optimizer, fallback, output_dir), is_main)
+    if kind == "error":
+        raise UsageError(value)
+    return Path(value)
+
+
+def _choose_loadable(path: Path, model: torch.nn.Module, optimizer: Any, fallback: bool,
+                     output_dir: str | os.PathLike | None) -> tuple[str, str]:
     candidates = [path]
     if fallback and output_dir is not None:
         candidates += [checkpoints_dir(output_dir) / n for n in reversed(list_checkpoints(output_dir))
                        if n < path.name]
-    skipped = []
+    skipped, error = [], None
     for candidate in candidates:
         try:
-            read_checkpoint(candidate, model=model, optimizer=optimizer)
+            validated_once(candidate)
+            check_fits(candidate, model=model, optimizer=optimizer)
             error = None
         except CheckpointError as err:
             error = str(err)
-        error = first_error(error)
         if error is None:
             break
         if not fallback:
-            raise UsageError(f"--resume {candidate}: {error}")
-        if is_main:  # one line, from one rank
-            print(f"warning: skipping checkpoint {candidate}: {error}", file=sys.stderr, flush=True)
+            return "error", f"--resume {candidate}: {error}"
+        print(f"warning: skipping checkpoint {candidate}: {error}", file=sys.stderr, flush=True)
         skipped.append(candidate)
     else:
-        raise UsageError(f"no checkpoint in {checkpoints_dir(output_dir or path.parent.parent)} loads into this "
+        return "error", (f"no checkpoint in {checkpoints_dir(output_dir or path.parent.parent)} loads into this "
                          f"model (newest: {error}); resume with the code and config that wrote them, or "
                          f"train into a new --output-dir")
-    if is_main:
-        for bad in skipped:
-            if bad.parent.name == CHECKPOINTS:
-                with contextlib.suppress(OSError):
-                    os.replace(bad, bad.with_name(UNLOADABLE_PREFIX + bad.name))
-    _barrier()
-    return candidate
+    for bad in skipped:
+        if bad.parent.name == CHECKPOINTS:
+            with contextlib.suppress(OSError):
+                os.replace(bad, bad.with_name(UNLOADABLE_PREFIX + bad.name))
+    return "path", str(candidate)

@@ -4,7 +4,8 @@ Layout of one sharded checkpoint, `<output_dir>/checkpoints/step-00000420/`:
 
     dcp/.metadata        DCP's index of every tensor shard (written by rank 0 once all ranks wrote theirs)
     dcp/__R_0.distcp     rank R's shards of the model ("model.*") and of the optimizer state ("optimizer.*")
-    scheduler.pt, scaler.pt, rng.pt, trainer_state.json   as in launcher.checkpoint (rank 0, small)
+    scheduler.pt, scaler.pt, trainer_state.json   as in launcher.checkpoint (rank 0, small)
+    rng.pt, rng-00001.pt, ...   each rank's RNG states, written by that rank (launcher.checkpoint.rank_state)
     manifest.json        written last: every file with its size ("sharded": true, the writing world size)
 
 Nothing is gathered whole: each rank serializes only its local shards, in parallel. The folder is written
@@ -47,15 +48,15 @@ from launcher.checkpoint import (
     CheckpointManager,
     TrainerState,
     _fsync_path,
-    _gather_to_all,
     _sha256,
     capture_rng,
     checkpoint_name,
     load_model_weights,
-    read_trainer_state,
     save_weights,
     validate,
 )
+from launcher.checkpoint.loading import trainer_state_of
+from launcher.checkpoint.rank_state import STATS_REDUCED, read_rank_rng, reduce_with_flags, write_rank_rng
 from launcher.errors import LeaseLost, RunStopped, UsageError
 from launcher.faults.write_failures import agree, write_failed
 
@@ -118,8 +119,7 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
     writes. `failure`: an earlier failed write of this rank (the metrics line), reported instead of writing.
     """
     optimizer = _torch_optimizer(optimizer)
-    rng_states = _gather_to_all(capture_rng())
-    train_stats = _gather_to_all(state.train_stats)
+    train_stats, _ = reduce_with_flags(state.train_stats, [])  # summed: rank 0 stores them (rank_state)
     name = checkpoint_name(state.global_step)
     final, tmp = manager.root / name, manager.root / f".tmp-{name}-sharded"
     if failure is None and manager.is_main:
@@ -140,10 +140,11 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
         shards = {"model": dcp.state_dict.get_model_state_dict(model),
                   "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
         dcp.save(shards, checkpoint_id=tmp / DCP_DIR)  # FileSystemWriter fsyncs every file it writes
+        write_rank_rng(tmp, _rank(), capture_rng())  # each rank its own file; committed after the next agree
         if os.environ.get(FAULT_ENV) == str(state.global_step) and _rank() == _world() - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: one rank dies with its shards written
         if manager.is_main:
-            _write_small_files(tmp, state, train_stats, rng_states, scheduler, scaler)
+            _write_small_files(tmp, state, train_stats, scheduler, scaler)
     except BaseException as err:  # noqa: B036 - DCP's CheckpointException derives from BaseException
         if not isinstance(err, (Exception, _dcp().api.CheckpointException)):
             raise  # KeyboardInterrupt, SystemExit: not a write failure
@@ -167,12 +168,12 @@ def _discarded(failure: RunStopped | None, tmp: Path, is_main: bool) -> RunStopp
     return failure
 
 
-def _write_small_files(tmp: Path, state: TrainerState, train_stats: list, rng_states: list, scheduler: Any,
+def _write_small_files(tmp: Path, state: TrainerState, train_stats: dict | None, scheduler: Any,
                        scaler: Any) -> None:
     payload = asdict(state)
-    payload["train_stats"] = train_stats  # one entry per rank
-    files = {"rng.pt": lambda p: torch.save({"ranks": rng_states}, p),
-             TRAINER_STATE: lambda p: Path(p).write_text(json.dumps(payload, indent=1))}
+    payload["train_stats"] = train_stats  # every rank's, summed
+    payload[STATS_REDUCED] = True
+    files = {TRAINER_STATE: lambda p: Path(p).write_text(json.dumps(payload, indent=1))}
     if scheduler is not None:
         files["scheduler.pt"] = lambda p: torch.save(scheduler.state_dict(), p)
     if scaler is not None:
@@ -188,7 +189,7 @@ def _commit(tmp: Path, final: Path, state: TrainerState) -> None:
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = path.relative_to(tmp).as_posix()
         files[rel] = {"size": path.stat().st_size}
-        if not rel.startswith(f"{DCP_DIR}/"):
+        if not rel.startswith((f"{DCP_DIR}/", "rng-")):  # other ranks' files: sizes, as for shards
             files[rel]["sha256"] = _sha256(path)
     manifest = {"format": FORMAT_VERSION, "step": state.global_step, "epoch": state.epoch,
                 "batches_done": state.batches_done, "reason": state.reason, "sharded": True,
@@ -224,13 +225,14 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None, scaler: Any = None,
-                 rank: int = 0) -> tuple[TrainerState, dict | None, dict | None]:
+                 rank: int = 0, verify: bool = True) -> tuple[TrainerState, dict | None, dict | None]:
     """Load a sharded checkpoint into the prepared model (FSDP or plain) and its optimizer.
 
     Every rank calls this; DCP reads the slices each rank needs, whatever world size wrote them. Returns what
     launcher.checkpoint.load_checkpoint returns: the trainer state, this rank's RNG state and statistics.
     """
-    validate(path)
+    if verify:  # False: rank 0 checked the manifest already (launcher.loop.resume)
+        validate(path)
     optimizer = _torch_optimizer(optimizer)
     dcp = _dcp()
     shards = {"model": dcp.state_dict.get_model_state_dict(model),
@@ -242,14 +244,8 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, schedule
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    raw = read_trainer_state(path)
-    rank_stats = raw.pop("train_stats") or []
-    known = set(TrainerState.__dataclass_fields__)
-    state = TrainerState(**{k: v for k, v in raw.items() if k in known})
-    ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
-    rng = ranks[rank] if rank < len(ranks) else None
-    stats = rank_stats[rank] if rank < len(rank_stats) else None
-    return state, rng, stats
+    state, stats = trainer_state_of(path, rank)
+    return state, read_rank_rng(path, rank), stats
 
 
 def check_resume_format(path: Path, *, sharded_run: bool) -> None:

@@ -15,10 +15,10 @@ from torch.utils.data import Dataset
 
 from launcher.data.arrays import _ColumnStore, _input_spec, _standardized
 from launcher.data.images import AugmentedDataset, Augmenter, check_augment, lazy_image_splits
+from launcher.data import targets as target_types
 from launcher.data.sources import (
     _array_depth,
     _detect_image_column,
-    _encode_labels,
     _find_label_column,
     _load_train_val,
     _quiet,
@@ -35,7 +35,7 @@ class DataSplits:
 
     train: Dataset
     val: Dataset
-    num_classes: int
+    num_classes: int  # the model's outputs: classes, labels (multi-label) or targets (regression)
     input_shape: tuple[int, ...]  # per sample: (C, H, W) for images, (F,) for tabular, () for text
     class_names: list[str]
     name: str
@@ -45,6 +45,10 @@ class DataSplits:
     std: list[float] = field(default_factory=list)
     kind: str = ""  # "image", "tabular" or "text"
     preprocessor: Any = None  # the tokenizer or image processor that made the inputs (an HF model keeps it)
+    problem_type: str = "single_label_classification"  # launcher.data.targets: what the label column asks
+    problem_reason: str = ""  # why that type (detected from the column, or --problem-type)
+    target_mean: list[float] = field(default_factory=list)  # regression: the standardization of the targets
+    target_std: list[float] = field(default_factory=list)
 
 
 
@@ -62,6 +66,7 @@ def load_splits(
     dataset_config: str | None = None,
     text_columns: list[str] | None = None,
     text: TextOptions | None = None,
+    problem_type: str | None = None,
 ) -> DataSplits:
     """Load `dataset` ('digits', a local path, or a Hub name) as standardized train/val splits.
 
@@ -72,6 +77,7 @@ def load_splits(
     dataset_config: the configuration of a Hub dataset that has several (load_dataset's `name`).
     Text inputs (--text-columns, or string columns when no image column is found) are tokenized with
     `text`'s tokenizer (launcher.data.text); without `text` they are refused.
+    problem_type: forces the problem type (default: detected from the label column, launcher.data.targets).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
@@ -90,24 +96,32 @@ def load_splits(
         if val is not None:
             _require_same_columns(val, columns, split_names)
 
-        class_names, train_labels, val_labels = _encode_labels(train, val, label_col, split_names)
+        found = target_types.encode(train, val, label_col, split_names, problem_type)
+        class_names, train_labels, val_labels = found.names, found.train, found.val
+        single = found.problem_type == "single_label_classification"
         if val is None:
             # Carved validation rows stay in the same table as the training rows; only row numbers differ.
-            train_rows, val_rows = _stratified_split(train_labels, val_fraction, seed)
+            train_rows, val_rows = (_stratified_split(train_labels, val_fraction, seed) if single
+                                    else _random_split(len(train_labels), val_fraction, seed))
             train_labels, val_labels = train_labels[train_rows], train_labels[val_rows]
-            val_source = f"{val_fraction:g} of split '{split_names[0]}' (stratified, seed {seed})"
+            val_source = f"{val_fraction:g} of split '{split_names[0]}' ({'stratified, ' if single else ''}seed {seed})"
         else:
             train_rows, val_rows = np.arange(len(train)), np.arange(len(val))
             val_source = f"split '{split_names[1]}'"
             for split, size in zip(split_names, (len(train), len(val))):
                 if size == 0:
                     raise UsageError(f"split '{split}' of {dataset!r} is empty")
+        target_mean, target_std = [], []
+        if found.problem_type == "regression":
+            train_labels, val_labels, target_mean, target_std = target_types.standardize(train_labels, val_labels)
+        typed = dict(problem_type=found.problem_type, problem_reason=found.reason, target_mean=target_mean,
+                     target_std=target_std)
         if text_cols:
             train_ds, val_ds = tokenized_splits(text, text_cols, (train, train_rows, train_labels),
                                                 (train if val is None else val, val_rows, val_labels))
             return DataSplits(train=train_ds, val=val_ds, num_classes=len(class_names), input_shape=(),
                               class_names=class_names, name=dataset, val_source=val_source, kind="text",
-                              preprocessor=text.tokenizer)
+                              preprocessor=text.tokenizer, **typed)
 
         column = image_column or _detect_image_column(train.features, label_col)
         if column is not None and isinstance(train.features[column], datasets.Image):
@@ -138,4 +152,14 @@ def load_splits(
         mean=mean.flatten().tolist(),
         std=std.flatten().tolist(),
         kind=kind,
+        **typed,
     )
+
+
+def _random_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (seed) split of rows that have no single class to stratify by; sorted row indices."""
+    if n < 2:
+        raise UsageError(f"the dataset has {n} row(s); at least 2 are needed to carve a validation split")
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -223,7 +223,8 @@ def _encode_labels(
     else:
         raise UsageError(
             f"label column {column!r} holds {_describe(feature)} values; classification needs integer class "
-            f"ids or class-name strings: convert it, or pick another column with --label-column"
+            f"ids or class-name strings: convert it, pick another column with --label-column, or train a "
+            f"regression (--problem-type regression)"
         )
     for split, values in ids.items():
         if len(values) and values.min() < 0:

@@ -105,7 +105,8 @@ class TextBatchedDataset(Dataset):
     def __init__(self, tokens: datasets.Dataset, rows: np.ndarray, labels: np.ndarray, collator: Any) -> None:
         self.tokens = tokens
         self.rows = rows  # this split's row numbers in the table
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        labels = np.asarray(labels)  # class ids as int64; multi-hot or regression targets stay float
+        self.labels = torch.from_numpy(labels.astype(np.int64) if labels.dtype.kind in "iub" else labels)
         self.collator = collator
 
     def __len__(self) -> int:

@@ -2,8 +2,9 @@
 
 Only rank 0 writes checkpoints, metrics and final/, but every rank must stop together when a write fails:
 a rank that raised alone would leave the others waiting in the next collective until the process-group
-timeout. So the writer catches the error, and `agree` (one small all-gather that replaces the barrier
-after the write) hands the same exception to every rank.
+timeout. So the writer catches the error, and `agree` (one all-reduce of one number that replaces the barrier
+after the write, plus a broadcast from the failing rank only when one failed) hands the same exception to every
+rank, O(1) per rank at any world size.
 
 torch.save on a full disk raises `RuntimeError: [enforce fail at inline_container.cc] unexpected pos` (or
 `basic_ios::clear: iostream error`) with no errno, and safetensors wraps the OSError in its own error type,
@@ -20,6 +21,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from launcher.errors import LeaseLost, RunStopped, WriteFailed
+from launcher.faults.agreement import first_failing_rank, from_rank
 
 _KINDS: dict[str, type[RunStopped]] = {"WriteFailed": WriteFailed, "LeaseLost": LeaseLost, "RunStopped": RunStopped}
 FULL_BELOW_BYTES = 1 << 20  # a filesystem with less than this available after a failed write counts as full
@@ -61,21 +63,21 @@ def cause_of(err: BaseException, path: Path) -> str:
 
 def write_failed(err: BaseException, path: Path, what: str) -> WriteFailed:
     """The one-line error for a failed write of `what` under `path` (call it before cleaning up)."""
-    return WriteFailed(f"cannot write {what} to {path}: {cause_of(err, path)} (filesystem {mount_point(path)}); "
-                       f"every earlier checkpoint is intact: free space or fix the folder, then run the same "
+    cause = cause_of(err, path)
+    # Only a full disk or quota is fixed by freeing space; any other cause (a bug, a permission) says itself.
+    fix = "free space" if cause in ("no space left on device", "disk quota exceeded") else "fix the cause above"
+    return WriteFailed(f"cannot write {what} to {path}: {cause} (filesystem {mount_point(path)}); "
+                       f"every earlier checkpoint is intact: {fix}, then run the same "
                        f"command again (--resume auto continues from the newest checkpoint)")
 
 
 def agree(failure: RunStopped | None) -> None:
     """Collective: raise the same RunStopped on every rank when any rank has one (the lowest rank's wins)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        mine = None if failure is None else (type(failure).__name__, str(failure))
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        reported = [(rank, f) for rank, f in enumerate(everyone) if f is not None]
-        if not reported:
+        rank = first_failing_rank(failure is not None)
+        if rank is None:
             return
-        rank, (kind, message) = reported[0]
+        kind, message = from_rank(None if failure is None else (type(failure).__name__, str(failure)), rank)
         raise _KINDS.get(kind, RunStopped)(message if rank == 0 else f"rank {rank}: {message}")
     if failure is not None:
         raise failure

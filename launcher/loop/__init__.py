@@ -6,15 +6,16 @@ the way a careful practitioner does: train()/eval() modes, no gradients in evalu
 accumulation through `accelerator.accumulate`, clipping on real optimizer steps, mixed precision from the
 accelerate config, LR scheduling, early stopping decided from all-reduced metrics (so every rank agrees).
 
-Nothing is read back to the host per step: losses and confusion counts accumulate on the device and are
+Nothing is read back to the host per step: losses and the task's statistics accumulate on the device and are
 read once per log interval and once per epoch. The only per-step collective is the preemption vote, which
 runs asynchronously on a CPU group (see launcher.faults.preemption).
 
 The package, one concern per module (a name is looked up, and so patched, in the module that uses it):
 - `accelerator`: make_accelerator, start_process_group, use_cpu;
 - `determinism`: use_deterministic_algorithms (`--deterministic`) and the settings in effect;
-- `batches`: splitting a batch, the forward pass, per-sample losses, the valid samples of a last batch;
+- `batches`: splitting a batch, the forward pass, the task and a batch's losses, the valid samples of a last batch;
 - `evaluation`: evaluate;
+- `prediction`: predict (batch inference, every sample once, in dataset order);
 - `options`: fit's grouped options (Monitor, EarlyStopping, Checkpointing);
 - `steps`: the training step's functions and the micro-batches of an ElasticBatchSampler epoch;
 - `state`: FitRun, the per-`fit` state;
@@ -27,16 +28,19 @@ from launcher.loop.accelerator import make_accelerator, start_process_group, use
 from launcher.loop.batches import (
     Batch,
     UnpackBatch,
+    batch_losses,
     default_unpack,
     forward,
     last_batch_remainder,
     logits_of,
     per_sample_loss_fn,
+    resolve_task,
     valid_in_batch,
 )
 from launcher.loop.evaluation import evaluate
 from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import Diverged, finite_or_none
+from launcher.loop.prediction import predict
 from launcher.loop.outputs import _json_line as _json_line
 from launcher.loop.resume import finished_reason, planned_steps
 from launcher.loop.state import FitRun
@@ -51,6 +55,7 @@ __all__ = [
     "FitRun",
     "Preempted",
     "UnpackBatch",
+    "batch_losses",
     "default_unpack",
     "evaluate",
     "finished_reason",
@@ -63,6 +68,8 @@ __all__ = [
     "Monitor",
     "per_sample_loss_fn",
     "planned_steps",
+    "predict",
+    "resolve_task",
     "should_save_step",
     "start_process_group",
     "use_cpu",

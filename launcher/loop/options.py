@@ -11,23 +11,51 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.tasks.classification import VAL_METRIC_NAMES
+from launcher.errors import UsageError
+
+_NOT_MONITORED = ("samples", "tokens", "confusion_matrix")  # counts and tables, not scores
 
 
 @dataclass(frozen=True)
 class Monitor:
     """The validation metric (a `val_*` key of the epoch rows) that `checkpoints/best`, early stopping and
-    ReduceLROnPlateau follow, and whether it improves upward ("max") or downward ("min")."""
+    ReduceLROnPlateau follow, and whether it improves upward ("max") or downward ("min").
 
-    metric: str = "val_accuracy"
-    mode: str = "max"
+    `Monitor()` follows the task's own choice (val_accuracy for single-label classification, val_f1_micro
+    for multi-label, val_loss for regression and language models). A built-in metric knows its direction;
+    a user metric (`metrics={"top2": ...}` gives `val_top2`) needs `mode`. `fit` refuses a name the run will
+    never produce before anything trains, naming the keys that exist.
+    """
+
+    metric: str | None = None
+    mode: str | None = None
 
     def __post_init__(self) -> None:
-        if self.metric not in VAL_METRIC_NAMES:
-            raise ValueError(f"Monitor metric {self.metric!r} is not a metric; choose one of "
-                             f"{', '.join(VAL_METRIC_NAMES)}")
-        if self.mode not in ("max", "min"):
+        if self.metric is not None and not (isinstance(self.metric, str) and self.metric.startswith("val_")):
+            raise ValueError(f"Monitor metric {self.metric!r} is not a validation metric: name a val_* key of the "
+                             f"epoch rows, e.g. val_loss")
+        if self.mode not in (None, "max", "min"):
             raise ValueError(f"Monitor mode must be 'max' or 'min' (got {self.mode!r})")
+
+    def resolve(self, task: Any, user_metrics: tuple[str, ...]) -> Monitor:
+        """This monitor for a run of `task` with `user_metrics`: both fields set, or a UsageError."""
+        default, default_mode = task.default_monitor
+        builtin = [default] + [f"val_{n}" for n in task.metric_names()
+                               if n not in _NOT_MONITORED and f"val_{n}" != default]
+        available = builtin + [f"val_{n}" for n in user_metrics if f"val_{n}" not in builtin]
+        metric = self.metric or default
+        if metric not in available:
+            raise UsageError(f"Monitor metric {metric!r} is not a metric; choose one of {', '.join(available)}")
+        mode = self.mode
+        if mode is None:
+            if metric == default:
+                mode = default_mode
+            elif metric in builtin:
+                mode = "min" if metric[4:] in task.lower_is_better else "max"
+            else:
+                raise UsageError(f"Monitor({metric!r}) follows a metric of your own: say whether it improves "
+                                 f"upward or downward, Monitor({metric!r}, 'max') or 'min'")
+        return Monitor(metric, mode)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from launcher.checkpoint.sharded import full_model_state, is_sharded_model, save
 from launcher.errors import EXIT_DIVERGED
 from launcher.faults.write_failures import main_writes
 from launcher.loop.state import FitRun
-from launcher.tasks.classification import ConfusionStats
+from launcher.tasks.base import TaskStats
 
 
 class Diverged(SystemExit):
@@ -46,42 +46,55 @@ def _check_finite(run: FitRun, losses: Mapping[str, float | str]) -> None:
                            f"start a fresh run or --resume an earlier checkpoint", run.state.global_step)
 
 
-def _weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every rank's parameters are finite: this rank's own (its shards under FSDP, nothing is
-    gathered), one host read and one tiny all-reduce; called only at saves."""
+def _weights_bad_here(model: torch.nn.Module) -> bool:
+    """Whether this rank's parameters (its shards under FSDP, nothing is gathered) hold a non-finite value:
+    one host read, only at saves."""
     local = [getattr(p, "_local_tensor", p) for p in model.parameters() if p.is_floating_point()]
-    bad = torch.zeros(1, device=device)  # on the device: NCCL reduces only device tensors
-    if local:
-        bad += torch.stack([~torch.isfinite(t).all() for t in local]).any().to(device)
+    return bool(local) and bool(torch.stack([~torch.isfinite(t).all() for t in local]).any().item())
+
+
+def _weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every rank's parameters are finite: this rank's own and one tiny all-reduce."""
+    bad = torch.tensor([float(_weights_bad_here(model))], device=device)  # NCCL reduces only device tensors
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     return not bad.item()
 
 
-def _check_finite_local(run: FitRun, stats: ConfusionStats) -> None:
+def _check_finite_local(run: FitRun, stats: TaskStats) -> None:
     """The training loss so far, agreed across ranks (one tiny all-reduce; only where the loop syncs anyway)."""
-    bad = (~torch.isfinite(stats.buffer[-1:])).to(stats.buffer.dtype)
+    bad = (~torch.isfinite(stats.loss_view)).to(stats.buffer.dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     if bad.item():
-        local = stats.buffer[-1].item()
+        local = stats.loss_view.item()
         _check_finite(run, {"training": local if not math.isfinite(local) else "not finite on another process"})
 
 
-def _save(run: FitRun, *, reason: str, best: bool = False) -> None:
-    """Write a checkpoint (every rank calls this); at epoch ends, also maintain best/ and rotation."""
+def _save(run: FitRun, *, reason: str, best: bool = False, stats: TaskStats | None = None) -> None:
+    """Write a checkpoint (every rank calls this); at epoch ends, also maintain best/ and rotation.
+    `stats`: the epoch's running statistics, whose training loss is checked (mid-epoch saves)."""
     run.last_checkpoint = None
     if run.manager is None:
         return
     with run.watchdog.slow():
-        _write_checkpoint(run, reason, best)
+        _write_checkpoint(run, reason, best, stats)
 
 
-def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
+def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | None = None) -> None:
     acc, state = run.accelerator, run.state
-    # The loss so far can be finite while the last update already made the weights NaN: never save those.
-    if not _weights_finite(run.model, acc.device):
-        _check_finite(run, {"training": "finite, but the weights are not"})
+    loss_here = stats.loss_view.item() if stats is not None else 0.0
+    flags = [float(_weights_bad_here(run.model)), float(not math.isfinite(loss_here))]
+
+    def check(sums: list[float]) -> None:
+        # A checkpoint of diverged weights would be resumed. The loss so far can be finite while the last
+        # update already made the weights NaN: never save those either.
+        if sums[1]:
+            _check_finite(run, {"training": loss_here if not math.isfinite(loss_here) else
+                                "not finite on another process"})
+        if sums[0]:
+            _check_finite(run, {"training": "finite, but the weights are not"})
+
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)
@@ -89,12 +102,17 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool) -> None:
         state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_model(run.model):  # every rank writes its own shards (launcher.checkpoint.sharded)
+        if stats is not None:
+            _check_finite_local(run, stats)
+        if not _weights_finite(run.model, acc.device):
+            check([1.0, 0.0])
         path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
                             optimizer=run.optimizer, scheduler=scheduler, scaler=acc.scaler,
                             best=best, failure=run.write_failure)
-    else:
+    else:  # the checks ride on the save's one reduction
         path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
-                                scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure)
+                                scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure,
+                                flags=flags, check=check)
     run.last_checkpoint = path
     run.manager.rotate(protect=state.best_checkpoint)
     log_checkpoint = getattr(run.tracker, "log_checkpoint", None)  # optional in a user's own Tracker

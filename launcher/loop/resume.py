@@ -20,31 +20,40 @@ from launcher.checkpoint import (
     read_checkpoint,
     read_trainer_state,
     restore_rng,
+    validated_once,
 )
+from launcher.checkpoint.rank_state import read_rank_rng, sum_saved
 from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, is_sharded_model, load_sharded
 from launcher.errors import UsageError
 from launcher.loop.outputs import _rewrite_metrics, _write_final
 from launcher.loop.state import FitRun
 from launcher.schedulers import replan
-from launcher.tasks.classification import ConfusionStats
 
 
 def _resume(run: FitRun, path: Path) -> None:
-    """Load the checkpoint on every rank, all or nothing: every rank checks everything first, and only
-    when all ranks could (one all-gather) does any rank apply it."""
+    """Load the checkpoint on every rank, all or nothing: every rank checks what it read first, and only
+    when all ranks could (one all-reduce) does any rank apply it. Rank 0 alone checks the manifest (sizes,
+    sha256; not again when it chose this checkpoint itself), each rank reads the weights and its own files once."""
     acc = run.accelerator
     check_resume_format(path, sharded_run=is_sharded_model(run.model))
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
+        error = _validation_error(path) if acc.is_main_process else None
+        error = first_error(error)  # DCP's load is collective: every rank must know before it starts
+        if error is not None:
+            raise UsageError(f"cannot resume from {path}: {error}")
         state, rng, stats = load_sharded(path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-                                         scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index)
+                                         scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index,
+                                         verify=False)
     else:
         targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
                    "scheduler": scheduler, "scaler": acc.scaler}
         loaded, error = None, None
         try:
-            loaded = read_checkpoint(path, rank=acc.process_index, **targets)
-        except CheckpointError as err:
+            if acc.is_main_process:
+                validated_once(path)  # the other ranks read meanwhile; nothing is applied before the verdict
+            loaded = read_checkpoint(path, rank=acc.process_index, verify=False, **targets)
+        except (CheckpointError, UsageError, OSError) as err:  # unverified here: any damage, one verdict
             error = str(err)
         error = first_error(error)
         if error is not None:
@@ -88,6 +97,14 @@ def _resume(run: FitRun, path: Path) -> None:
               f"{run.state.batches_done} batches, {run.state.samples_done} samples into the epoch)")
 
 
+def _validation_error(path: Path) -> str | None:
+    try:
+        validated_once(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
 def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | None,
                     rng: dict | None) -> tuple[dict | None, dict | None]:
     """Resume a checkpoint of another world size with an elastic loader: the epoch continues at
@@ -95,9 +112,8 @@ def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | 
     the ranks' random streams differ). Returns this rank's (partial-epoch statistics, RNG state)."""
     acc, sampler = run.accelerator, run.train_sampler
     if state.samples_done:
-        # The saved per-rank statistics are summed into rank 0's, so the epoch's all-reduce counts each once.
-        saved = [s for s in read_trainer_state(path).get("train_stats") or [] if s is not None]
-        stats = _sum_stats(saved, run.num_classes) if acc.is_main_process and saved else None
+        # The saved statistics, summed, go to rank 0, so the epoch's all-reduce counts each once.
+        stats = sum_saved(read_trainer_state(path)) if acc.is_main_process else None
     if rng is None:
         # A rank the checkpoint did not have: a stream derived from the checkpoint's rank 0 and this rank.
         set_seed(_derived_seed(path, acc.process_index))
@@ -111,20 +127,9 @@ def _elastic_resume(run: FitRun, path: Path, state: TrainerState, stats: dict | 
     return stats, rng
 
 
-def _sum_stats(saved: list[dict], num_classes: int) -> dict:
-    """ConfusionStats.state_dict()s of several ranks added together."""
-    total = ConfusionStats(num_classes, torch.device("cpu"))
-    for state in saved:
-        part = ConfusionStats(num_classes, torch.device("cpu"))
-        part.load_state_dict(state)
-        total.buffer.add_(part.buffer)
-    return total.state_dict()
-
-
 def _derived_seed(path: Path, rank: int) -> int:
-    ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
     generator = torch.Generator()
-    generator.set_state(ranks[0]["torch"])
+    generator.set_state(read_rank_rng(path, 0)["torch"])
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) + rank
 
 

@@ -15,7 +15,8 @@ from launcher.data.sampling import ElasticBatchSampler
 from launcher.errors import RunStopped
 from launcher.faults.watchdog import NO_WATCHDOG, NoWatchdog
 from launcher.loop.batches import UnpackBatch
-from launcher.tasks.classification import ClassificationMetrics
+from launcher.tasks.base import BatchLoss, Task
+from launcher.tasks.metrics import MetricSet
 from launcher.tracking.tracker import Tracker
 
 
@@ -33,8 +34,9 @@ class FitRun:
     optimizer: Any  # accelerate's AcceleratedOptimizer
     plateau: ReduceLROnPlateau | None  # stepped once per epoch with the monitored metric
     step_sched: Any  # accelerate-wrapped per-step scheduler (None with plateau or no schedule)
-    per_sample: Callable[[Any, torch.Tensor], torch.Tensor]  # per-sample losses of (outputs, targets)
-    num_classes: int
+    task: Task  # its losses and statistics (launcher.tasks)
+    compute: Callable[[Any, Any], BatchLoss]  # (model, batch) -> the batch's losses (loop.batches.batch_losses)
+    metrics: MetricSet  # the user metrics, computed at each validation
     unpack: UnpackBatch
     max_grad_norm: float | None
     log_every: int  # optimizer steps between training-loss logs
@@ -53,7 +55,7 @@ class FitRun:
     rng_to_restore: dict | None = None  # a mid-epoch resume restores the RNG after the loader's first draw
     resumed_stats: dict | None = None  # partial-epoch training statistics of this rank, from the checkpoint
     last_checkpoint: Path | None = None  # the folder the latest save wrote
-    train_metrics: ClassificationMetrics | None = None  # of the epoch just trained, all-reduced
+    train_metrics: Any = None  # of the epoch just trained, all-reduced
     log_mark: tuple[float, int, float, float] = (0.0, 0, 0.0, 0.0)  # (time, samples, loss sum, seen) at last log
     grad_norm: Any = None  # the last optimizer step's gradient norm before clipping (a device tensor)
     resumed_from: Path | None = None  # the checkpoint this launch continues

@@ -8,6 +8,7 @@ import contextlib
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, send_to_device
@@ -152,3 +153,40 @@ def _mean_backward() -> Callable[[torch.Tensor], None]:
 
     backward.plain = True  # type: ignore[attr-defined]  # _ElasticFeed may call losses.backward(weights) too
     return backward
+
+
+class _CountWeights:
+    """Weights for losses known as a sum and a count (token-level tasks, the model's own token loss, custom
+    steps): every item of an optimizer step weighs the same, across micro-batches and processes.
+
+    The count of an accumulation window is only known once its last micro-batch ran, so each micro-batch
+    backpropagates its plain sum and, at the step boundary, the gradients are multiplied by
+    world_size / (the window's count summed over all processes): DDP's mean of the ranks' sums then equals
+    the global sum over the global count, i.e. one process on the whole global batch. The count is
+    all-reduced on the device (no host read), as torchtitan's global_valid_tokens and transformers'
+    num_items_in_batch are; the multiply is one foreach op.
+    """
+
+    def __init__(self, acc: Accelerator, model: torch.nn.Module, plain: bool) -> None:
+        self.acc, self.plain = acc, plain
+        self.world = acc.num_processes
+        self.window = torch.zeros((), dtype=torch.float32 if acc.device.type == "mps" else torch.float64,
+                                  device=acc.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def backward(self, loss_sum: torch.Tensor, counts: torch.Tensor) -> None:
+        self.window.add_(counts.sum())
+        if self.plain:
+            loss_sum.sum().backward()
+        else:  # accelerator.backward divides by grad_accum (and scales for fp16): undo the division
+            self.acc.backward(loss_sum.sum() * self.acc.gradient_accumulation_steps)
+
+    def rescale(self) -> None:
+        """At an optimizer-step boundary, after the gradients were all-reduced and before clipping."""
+        total = self.window.clone()
+        self.window.zero_()
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, (self.world / total.clamp(min=1)).to(grads[0].dtype))

@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,19 +25,18 @@ from launcher.faults.write_failures import write_failed
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
     UnpackBatch,
-    _batch_len,
+    batch_losses,
     default_unpack,
-    forward,
     last_batch_remainder,
-    per_sample_loss_fn,
+    resolve_task,
+    samples_in,
     valid_in_batch,
 )
-from launcher.loop.evaluation import evaluate
+from launcher.loop.evaluation import _evaluate
 from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import (
     Diverged,
     _check_finite,
-    _check_finite_local,
     _check_lease,
     _json_line,
     _rewrite_metrics,
@@ -46,10 +45,11 @@ from launcher.loop.outputs import (
 )
 from launcher.loop.resume import _finish_finished, _replan_schedule, _resume, finished_reason, planned_steps
 from launcher.loop.state import FitRun
-from launcher.loop.steps import _ElasticFeed, _plain_samples_done, _step_functions
+from launcher.loop.steps import _CountWeights, _ElasticFeed, _plain_samples_done, _step_functions
 from launcher.parallel.fsdp import launcher_shards, shard_model
 from launcher.parallel.unused_parameters import configure_ddp
-from launcher.tasks.classification import ConfusionStats
+from launcher.tasks.base import Task, TaskStats
+from launcher.tasks.metrics import MetricSet
 from launcher.tracking.tracker import NullTracker, Tracker
 
 
@@ -72,10 +72,13 @@ def fit(
     optimizer: torch.optim.Optimizer,
     train_loader: Iterable,
     val_loader: Iterable,
-    loss_fn: Callable,
+    loss_fn: Callable | str | None = None,
     *,
     epochs: int,
-    num_classes: int,
+    task: Task | None = None,
+    num_classes: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    step: Callable | None = None,
     accelerator: Accelerator | None = None,
     scheduler: Callable | None = None,
     grad_accum: int = 1,
@@ -96,8 +99,16 @@ def fit(
     model, optimizer, loaders: plain PyTorch objects; `fit` prepares them with Accelerate, except loaders
         built on launcher.data.sampling.ElasticBatchSampler (make_loader), which continue exactly at any world
         size (docs/data.md).
-    loss_fn: e.g. `nn.CrossEntropyLoss()`; fit uses per-sample losses (reduction='none') for exact metrics.
-    num_classes: size of the confusion matrix.
+    task: what the model learns (launcher.tasks: SingleLabelClassification, MultiLabelClassification,
+        Regression, CausalLM, or your own): its loss, its exact metrics and the default `monitor`.
+    num_classes: shorthand for task=SingleLabelClassification(num_classes, loss_fn).
+    loss_fn: a per-sample loss `(outputs, targets)` of any target shape (torch losses are copied with
+        reduction='none'; each sample's loss is the mean over its elements), or 'model': the model's own
+        loss (`model(**inputs, labels=targets).loss`, transformers' convention); without task= or
+        num_classes= the run reports val_loss and the user metrics.
+    step: a custom step `(model, batch) -> launcher.tasks.StepOutput(loss_sum, count, outputs, targets)`
+        for anything else (several outputs or loss terms); every counted item weighs the same.
+    metrics: user metrics by name, torchmetrics' interface (`val_<name>` in every row; launcher.tasks.metrics).
     accelerator: defaults to `make_accelerator(grad_accum=grad_accum, seed=seed)`.
     scheduler: a factory `(optimizer, total_optimizer_steps) -> scheduler` (see launcher.schedulers);
         per-step schedules step after every optimizer step, ReduceLROnPlateau after every epoch with the
@@ -134,11 +145,14 @@ def fit(
     # The unused-parameter probe takes one batch; a loader that counts what it hands out (a stream) would
     # count it as trained, so such a run probes on a validation batch (same inputs, no augmentation).
     probe_loader = val_loader if getattr(train_loader, "resumes_itself", False) else train_loader
-    per_sample = per_sample_loss_fn(loss_fn)
+    task = resolve_task(task, loss_fn, num_classes, step)
+    compute = batch_losses(task, unpack_batch, loss_fn, step)
+    metric_set = MetricSet(metrics, accelerator.device)
+    monitor = monitor.resolve(task, metric_set.names())  # a name the run never produces fails here
 
     def batch_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:  # the probe's loss: the loop's own
-        inputs, targets = unpack_batch(batch)
-        return per_sample(forward(module, inputs), targets).mean()
+        out = compute(module, batch)
+        return out.losses.sum() / (out.counts.sum().clamp(min=1) if out.counts is not None else out.losses.numel())
 
     configure_ddp(accelerator, model, probe_loader, batch_loss, find_unused_parameters)
     if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.parallel.fsdp)
@@ -153,7 +167,7 @@ def fit(
 
     run = FitRun(
         accelerator=accelerator, model=model, optimizer=optimizer, plateau=plateau, step_sched=step_sched,
-        per_sample=per_sample_loss_fn(loss_fn), num_classes=num_classes, unpack=unpack_batch,
+        task=task, compute=compute, metrics=metric_set, unpack=unpack_batch,
         max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
         save_every_steps=ckpt.save_every_steps, output_dir=Path(ckpt.output_dir) if ckpt.output_dir else None,
         export_final=ckpt.export_final,
@@ -257,11 +271,13 @@ def _prepare(acc: Accelerator, model: Any, optimizer: Any, train_loader: Any, va
 def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch: PreemptionWatch) -> bool:
     """Train one epoch (or its rest after a resume). Returns False when the ranks agreed to stop."""
     acc, model, optimizer, state = run.accelerator, run.model, run.optimizer, run.state
-    stats = ConfusionStats(run.num_classes, acc.device)
+    stats = run.task.stats(acc.device)
     if run.resumed_stats is not None:
         stats.load_state_dict(run.resumed_stats)
         run.resumed_stats = None
     accumulate, backward, step = _step_functions(acc, optimizer)
+    # Losses known as a sum and a count (tokens, a custom step) are weighed at the step boundary instead.
+    counted = None if not _counts_items(run) else _CountWeights(acc, model, getattr(backward, "plain", False))
     feed = None
     if run.train_sampler is not None:
         # The sampler continues at the global position: no batches to skip, nothing for Accelerate to shard.
@@ -292,21 +308,24 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             run.rng_to_restore = None
         if feed is not None:
             batch = feed.next(batch)
-        inputs, targets = run.unpack(batch)
         with accumulate(model):
-            outputs = forward(model, inputs)
-            losses = run.per_sample(outputs, targets)
-            backward(losses)
+            out = run.compute(model, batch)
+            if counted is None:
+                backward(out.losses)
+            else:
+                counted.backward(out.losses, out.counts)
+                if acc.sync_gradients:
+                    counted.rescale()
             if acc.sync_gradients and run.max_grad_norm:  # the norm before clipping, kept on the device
                 run.grad_norm = acc.clip_grad_norm_(model.parameters(), run.max_grad_norm)
             step()
-        if feed is None:
-            valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, _batch_len(targets),
-                                   acc.process_index)
+        n = samples_in(out)
+        if feed is None and n is not None:
+            valid = valid_in_batch(state.batches_done + 1 == total_batches, remainder, n, acc.process_index)
         else:
             valid = None  # an elastic loader never repeats a sample
-        stats.update(losses.float(), outputs, targets, valid)
-        clock.samples += _batch_len(targets) if valid is None else valid
+        stats.add_batch(out, valid)
+        clock.samples += (n or 0) if valid is None else valid
         state.batches_done += 1
         bar.update(1)
         if not acc.sync_gradients:
@@ -330,13 +349,17 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             bar.close()
             return False
         if should_save_step(state.global_step, run.save_every_steps):
-            _check_finite_local(run, stats)  # a checkpoint of diverged weights would be resumed
             clock.snapshot(stats)
-            _save(run, reason="step")
+            _save(run, reason="step", stats=stats)  # checks the loss so far: diverged weights are never saved
     bar.close()
     run.train_metrics = stats.reduce()
     clock.snapshot(None)
     return True
+
+
+def _counts_items(run: FitRun) -> bool:
+    """Whether the run's losses come as a sum and a count (weighed by _CountWeights) rather than per sample."""
+    return run.task.token_level or getattr(run.compute, "counts_items", False)
 
 
 def should_save_step(global_step: int, save_every_steps: int | None) -> bool:
@@ -353,19 +376,19 @@ class _EpochClock:
         self.base_epoch, self.base_train = state.epoch_seconds, state.train_seconds
         self.samples = 0
 
-    def snapshot(self, stats: ConfusionStats | None) -> None:
+    def snapshot(self, stats: TaskStats | None) -> None:
         elapsed = time.perf_counter() - self.started
         self.state.epoch_seconds = self.base_epoch + elapsed
         self.state.train_seconds = self.base_train + elapsed
         self.state.train_stats = stats.state_dict() if stats is not None else None
 
 
-def _log_train(run: FitRun, stats: ConfusionStats, clock: _EpochClock, epoch_progress: float, bar: Any) -> None:
+def _log_train(run: FitRun, stats: TaskStats, clock: _EpochClock, epoch_progress: float, bar: Any) -> None:
     """The interval's training loss, the exact mean over every rank's samples: the running loss sums and
     sample counts are all-reduced (one collective per log interval, none per step) and read once. A loss
     that is not finite on any rank stops the run here (Diverged)."""
-    acc, c = run.accelerator, run.num_classes
-    totals = torch.stack([stats.buffer[-1], stats.buffer[: c * c].sum()]).double()
+    acc = run.accelerator
+    totals = stats.loss_and_items().double()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
     grad_norm = run.grad_norm if isinstance(run.grad_norm, torch.Tensor) else totals.new_full((1,), math.nan)
@@ -390,14 +413,12 @@ def _log_train(run: FitRun, stats: ConfusionStats, clock: _EpochClock, epoch_pro
 def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
     acc, state = run.accelerator, run.state
     started = time.perf_counter()
-    val = evaluate(run.model, val_loader, run.per_sample, num_classes=run.num_classes, accelerator=acc,
-                   unpack_batch=run.unpack)
+    val = _evaluate(run.model, val_loader, run.task, run.compute, run.metrics, acc)
     row = {
         "epoch": epoch + 1,
         "step": state.global_step,
-        "train_loss": run.train_metrics.loss,
-        "train_accuracy": run.train_metrics.accuracy,
-        "train_samples": run.train_metrics.samples,  # each training sample counted once, at any world size
+        # train_loss, the task's headline training metric, train_samples: each sample counted once
+        **run.task.train_row(run.train_metrics),
         **val.as_row("val"),
         "lr": run.optimizer.param_groups[0]["lr"],
         "epoch_seconds": state.epoch_seconds + time.perf_counter() - started,  # train + validation
@@ -415,9 +436,9 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
                 run.write_failure = err
             except OSError as err:
                 run.write_failure = write_failed(err, run.output_dir, "metrics.jsonl")
-        summary = (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
-                   f"train_acc {row['train_accuracy']:.4f} | val_loss {row['val_loss']:.4f} "
-                   f"val_acc {row['val_accuracy']:.4f} val_f1 {row['val_f1']:.4f} | lr {row['lr']:.2e} "
+        own = "".join(f" val_{name} {row[f'val_{name}']:.4f}" for name in run.metrics.names()
+                      if isinstance(row.get(f"val_{name}"), float))
+        summary = (f"epoch {row['epoch']}: {run.task.summary(row)}{own} | lr {row['lr']:.2e} "
                    f"| {row['epoch_seconds']:.1f}s, {row['samples_per_second']:.0f} samples/s")
         tqdm.write(summary)
     run.tracker.log_epoch(row)

@@ -92,6 +92,8 @@ def load_model(name: str, data: Any, notice: Callable[[str], None] = print) -> t
         with _quiet():
             model, info = auto.from_pretrained(
                 name, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+                # transformers' own name for the task, so final/hf/ round-trips (pipelines, its own loss)
+                problem_type=getattr(data, "problem_type", "single_label_classification"),
                 ignore_mismatched_sizes=True, output_loading_info=True,
                 # transformers 5 loads in the checkpoint's dtype by default ("auto"): a bf16/fp16 checkpoint would
                 # train with AdamW on half-precision weights, and fp16 mixed precision would refuse to unscale

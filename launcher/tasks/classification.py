@@ -8,10 +8,13 @@ counted twice when the sampler pads the last batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from launcher.tasks.base import BatchLoss, per_sample, unreduced
 
 
 # The metrics of as_row("val") that can be monitored (best checkpoint, early stopping, plateau LR).
@@ -27,12 +30,17 @@ class ClassificationMetrics:
     f1: float
     samples: int
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
+    extra: dict = field(default_factory=dict)  # user metrics (fit/evaluate metrics=), by name
 
     def as_row(self, prefix: str) -> dict:
         return {f"{prefix}_loss": self.loss, f"{prefix}_accuracy": self.accuracy,
                 f"{prefix}_precision": self.precision, f"{prefix}_recall": self.recall,
                 f"{prefix}_f1": self.f1, f"{prefix}_samples": self.samples,
-                f"{prefix}_confusion_matrix": self.confusion_matrix}
+                f"{prefix}_confusion_matrix": self.confusion_matrix,
+                **{f"{prefix}_{k}": v for k, v in self.extra.items()}}
+
+    def with_extra(self, extra: dict) -> ClassificationMetrics:
+        return ClassificationMetrics(**{**self.__dict__, "extra": {**self.extra, **extra}})
 
 
 class ConfusionStats:
@@ -49,14 +57,16 @@ class ConfusionStats:
         self.buffer = torch.zeros(num_classes * num_classes + 1, dtype=dtype, device=device)
         # Made once rather than per batch: every tensor op saved in `update` is a few microseconds per step.
         self._counts = self.buffer[: num_classes * num_classes]
-        self._loss_sum = self.buffer[-1:]
+        self._loss_sum = self.loss_view = self.buffer[-1:]
         self._ones: dict[int, torch.Tensor] = {}
 
     def update(self, per_sample_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                valid: int | None = None) -> None:
         """Add a batch. `valid` keeps only the first `valid` samples (the rest pad the last batch)."""
         if valid is not None and valid < targets.shape[0]:
-            per_sample_loss, logits, targets = per_sample_loss[:valid], logits[:valid], targets[:valid]
+            logits, targets = logits[:valid], targets[:valid]
+            if per_sample_loss.dim():  # a custom step's summed loss cannot drop the repeats
+                per_sample_loss = per_sample_loss[:valid]
         n = targets.shape[0]
         ones = self._ones.get(n)
         if ones is None:
@@ -66,6 +76,14 @@ class ConfusionStats:
         # index_add_ rather than bincount: bincount on CUDA reads the max back to the host (a sync).
         self._counts.index_add_(0, pairs, ones)
         self._loss_sum.add_(per_sample_loss.detach().sum(dtype=self.buffer.dtype))
+
+    def add_batch(self, batch: BatchLoss, valid: int | None = None) -> None:
+        """The loop's entry (launcher.tasks.base.TaskStats.add_batch): losses in float32 as they always were."""
+        self.update(batch.losses.float(), batch.outputs, batch.targets, valid)
+
+    def loss_and_items(self) -> torch.Tensor:
+        """[loss sum, samples] on the device (one host read per log interval)."""
+        return torch.stack([self.buffer[-1], self._counts.sum()])
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.cpu().tolist()}
@@ -107,3 +125,45 @@ def compute_metrics(confusion: torch.Tensor, loss_sum: float) -> ClassificationM
         samples=samples,
         confusion_matrix=confusion.to(torch.int64).tolist(),
     )
+
+
+class SingleLabelClassification:
+    """`single_label_classification`: logits (N, C) and class ids (N,); cross-entropy per sample (or the
+    given `loss_fn`); accuracy, macro precision/recall/F1 and the confusion matrix (ConfusionStats)."""
+
+    problem_type = "single_label_classification"
+    token_level = False
+    default_monitor = ("val_accuracy", "max")
+    lower_is_better = ("loss",)
+
+    def __init__(self, num_classes: int, loss_fn: Callable | None = None):
+        if not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"single-label classification needs num_classes >= 1 (got {num_classes!r})")
+        self.num_classes = num_classes
+        self.loss_fn = unreduced(loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss())
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = self.loss_fn(outputs, targets)
+        return losses if losses.dim() == 1 else per_sample(losses)  # per_sample refuses a single number
+
+    def stats(self, device: torch.device) -> ConfusionStats:
+        return ConfusionStats(self.num_classes, device)
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("loss", "accuracy", "precision", "recall", "f1", "samples", "confusion_matrix")
+
+    def train_row(self, metrics: ClassificationMetrics) -> dict:
+        return {"train_loss": metrics.loss, "train_accuracy": metrics.accuracy, "train_samples": metrics.samples}
+
+    def metric_inputs(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
+        return outputs, targets  # torchmetrics' multiclass metrics take logits and class ids
+
+    def summary(self, row: dict) -> str:
+        return (f"train_loss {row['train_loss']:.4f} train_acc {row['train_accuracy']:.4f} | "
+                f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} val_f1 {row['val_f1']:.4f}")
+
+    def prediction_rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, list]:
+        """One row per sample: the class id, the predicted class id and the class probabilities."""
+        probabilities = outputs.detach().double().softmax(dim=-1)
+        return {"label": targets.tolist(), "prediction": probabilities.argmax(dim=-1).tolist(),
+                "probabilities": probabilities.tolist()}

@@ -548,7 +548,11 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
         _warn_unavailable("init", err)
         return NullTracker(run_id)
     print(where_line(run, mode, defaulted), flush=True)
-    return WandbTracker(run, wandb, history=history, best_metric=config.best_metric, best_mode=config.best_mode,
+    # The recipe resolves --best-metric for its task before this; a caller that did not gets the
+    # single-label default (the metric of each problem type: launcher.tasks, Monitor.resolve).
+    best_metric = config.best_metric or "val_accuracy"
+    best_mode = config.best_mode or ("min" if best_metric in ("val_loss", "val_mae", "val_rmse") else "max")
+    return WandbTracker(run, wandb, history=history, best_metric=best_metric, best_mode=best_mode,
                         class_names=run_info.get("class_names"), logged_epoch=logged_epoch,
                         logged_step=logged_step, log_model=config.log_model(), output_dir=output_dir)
 
