@@ -52,7 +52,7 @@ def _opt(default: Any, help: str, choices: tuple | None = None, relaunch: str = 
     return field(default=default, metadata={"help": help, "choices": choices, "relaunch": relaunch})
 
 
-option = _opt  # for recipes' own config dataclasses (recipes/lm.py): a field with its help and relaunch rule
+option = _opt  # for recipes' own config dataclasses: a field with its help and relaunch rule
 
 
 @dataclass

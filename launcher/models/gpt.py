@@ -1,4 +1,4 @@
-"""A decoder-only transformer (GPT) in torch alone, for `--model gpt-*` of recipes/lm.py.
+"""A decoder-only transformer (GPT) in torch alone, the built-in model for language models.
 
 Read it like nanoGPT's model.py: token embeddings, positions (learned, or rotary as in RoFormer/LLaMA),
 `n_layer` pre-norm blocks of causal self-attention (`F.scaled_dot_product_attention(is_causal=True)`, which

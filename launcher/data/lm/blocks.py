@@ -171,10 +171,14 @@ def _quiet_tokenizer(tokenizer: Any) -> Iterator[None]:
     if isinstance(tokenizer, ByteTokenizer):
         yield
         return
-    from launcher.models import hf
+    from transformers.utils import logging  # a transformers tokenizer: its long-document warning is noise here
 
-    with hf._quiet():
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
         yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _tokenize_all(ds: datasets.Dataset, tokenizer: Any, column: str) -> datasets.Dataset:

@@ -1,6 +1,6 @@
 """The embedded default corpus: the .py source files of Python's own standard library.
 
-Always installed, so `accelerate launch recipes/lm.py` trains with no network and no download. The files
+Always installed, so a language model trains on it with no network and no download. The files
 are those under `sysconfig.get_paths()["stdlib"]`, sorted by path, without the test suites (`test/`,
 `tests/`, `idle_test/`), installed packages (`site-packages/`, `dist-packages/`) and caches. A file goes to
 validation when the SHA-256 of its relative path falls in the validation fraction: the split is fixed

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from launcher.data.streaming import _all_have
+from launcher.data.streaming import _AllHave
 
 SHUFFLE_BUFFER = 1000  # documents
 
@@ -126,6 +126,7 @@ class LMStreamingLoader:
         self.position, self.done = start, False
         texts = self.train.texts(self.epoch, self.rank, self.world, skip_documents=start[0])
         blocks = pack_blocks(texts, self.train.tokenizer, self.train.block_size, start)
+        all_have = _AllHave()  # every rank, at the same point (under NCCL it builds a gloo group)
         while True:
             batch, position = [], self.position
             while len(batch) < self.batch_size:
@@ -135,7 +136,7 @@ class LMStreamingLoader:
                 batch.append(item[0])
                 position = item[1]
             # A short last batch still trains; the first rank out of blocks ends the epoch for all.
-            if not _all_have(bool(batch), self.device):
+            if not all_have.start(bool(batch)).wait():
                 break
             self.position = position
             ids = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)

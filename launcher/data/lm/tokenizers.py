@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.errors import UsageError
 
 BYTE = "byte"
 
@@ -50,16 +49,3 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:  # datasets fingerprints map() by its arguments; keep this stable
         return "ByteTokenizer()"
-
-
-def load_lm_tokenizer(name: str) -> Any:
-    """`byte`, or a transformers tokenizer (a folder or Hub name) that has an end-of-text token."""
-    if name == BYTE:
-        return ByteTokenizer()
-    from launcher.models import hf
-
-    tokenizer = hf.load_tokenizer(name)
-    if tokenizer.eos_token_id is None:
-        raise UsageError(f"the tokenizer of {name} has no end-of-text token (eos_token) to separate documents; "
-                         f"set one (tokenizer.eos_token = ...) and save it with save_pretrained")
-    return tokenizer
