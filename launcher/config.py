@@ -52,6 +52,9 @@ def _opt(default: Any, help: str, choices: tuple | None = None, relaunch: str = 
     return field(default=default, metadata={"help": help, "choices": choices, "relaunch": relaunch})
 
 
+option = _opt  # for recipes' own config dataclasses: a field with its help and relaunch rule
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -237,12 +240,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The functions below serve any recipe's config dataclass built with `_opt` fields (`cls`), TrainConfig
+# (recipes/classify.py) by default.
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+def _fields(cls: type | None = None) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls or TrainConfig)}
+
+
+def _field_types(cls: type | None = None) -> dict[str, Any]:
+    return typing.get_type_hints(cls or TrainConfig)
 
 
 def _flag(name: str) -> str:
@@ -315,15 +322,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_action_invocation(action)
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None, cls: type | None = None) -> argparse.ArgumentParser:
     """Every field as `--its-name`, and hidden as `--its_name` too (sweep files and HF users write
     underscores; `--batch_size=32` and `--batch-size 32` fill the same key)."""
     parser = _Parser(description=description, formatter_class=_HelpFormatter,
                      usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]  (flags below; --help)")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of defaults; command-line flags win")
-    hints = _field_types()
+    hints = _field_types(cls)
     group: Any = parser
-    for name, f in _fields().items():
+    for name, f in _fields(cls).items():
         if name in HELP_SECTIONS:
             group = parser.add_argument_group(HELP_SECTIONS[name])
         kind = _base_type(hints[name])
@@ -342,7 +349,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def load_yaml(path: str, cls: type | None = None) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -356,7 +363,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
-    known = _fields()
+    known = _fields(cls)
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -366,7 +373,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: Any, cls: type | None = None) -> Any:
     """Type-check a YAML value against the field's annotation.
 
     A string is parsed exactly as the command line parses it: YAML 1.1 reads `lr: 3e-4` (no dot) as the
@@ -374,7 +381,7 @@ def _coerce(name: str, value: Any) -> Any:
     """
     if value is None:
         return None
-    kind = _base_type(_field_types()[name])
+    kind = _base_type(_field_types(cls)[name])
     if isinstance(value, str) and kind in (int, float, bool):
         parse = _parse_bool if kind is bool else _parse_optional(kind)
         try:
@@ -392,14 +399,15 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def parse_values(argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
+def parse_values(argv: list[str] | None = None, description: str | None = None,
+                 cls: type | None = None) -> dict[str, Any]:
     """The keys given explicitly (--config FILE.yaml < command-line flags), typed; defaults left out.
 
     A relaunch needs to know what was given: keys not given come from the checkpoint (launcher.checkpoint.relaunch).
     """
-    args = vars(build_parser(description).parse_args(argv))
+    args = vars(build_parser(description, cls).parse_args(argv))
     config_file = args.pop("config", None)
-    values = {k: _coerce(k, v) for k, v in load_yaml(config_file).items()} if config_file else {}
+    values = {k: _coerce(k, v, cls) for k, v in load_yaml(config_file, cls).items()} if config_file else {}
     values.update(args)
     return values
 

@@ -73,3 +73,23 @@ def tiny_vit(folder: Path, *, num_labels: int = 10, image_size: int = 12) -> Pat
     ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5], image_std=[0.5]
                       ).save_pretrained(folder)
     return folder
+
+
+def tiny_gpt2(folder: Path, texts: list[str], *, n_positions: int = 64, tokenizer: bool = True) -> Path:
+    """A 2-layer GPT-2 built from a config (tied embeddings, as GPT-2) with a byte-level BPE tokenizer
+    trained on `texts` (tokenizers' trainer, no download): what `--model hf:` loads."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   model_max_length=n_positions)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(fast), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    if tokenizer:
+        fast.save_pretrained(folder)
+    return folder

@@ -39,10 +39,13 @@ def make_loader(
     CUDA, batches are pinned so that the non-blocking copy to the GPU does not make the host wait.
     A stream (`--streaming`) gets its own resumable loader (launcher.data.streaming).
     """
+    from launcher.data.lm.streaming import LMStreamingLoader, LMStreamingTrain
     from launcher.data.streaming import StreamingLoader, StreamingTrain
 
     if isinstance(ds, StreamingTrain):
         return StreamingLoader(ds, batch_size, num_workers)
+    if isinstance(ds, LMStreamingTrain):  # documents packed into blocks on the fly, in this process
+        return LMStreamingLoader(ds, batch_size)
 
     if rank is None or world_size is None:
         rank, world_size = _rank_and_world_size()

@@ -140,6 +140,19 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
+def load_lm_tokenizer(name: str) -> Any:
+    """`byte`, or a transformers tokenizer (a folder or Hub name) that has an end-of-text token."""
+    from launcher.data.lm.tokenizers import BYTE, ByteTokenizer
+
+    if name == BYTE:
+        return ByteTokenizer()
+    tokenizer = load_tokenizer(name)
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"the tokenizer of {name} has no end-of-text token (eos_token) to separate documents; "
+                         f"set one (tokenizer.eos_token = ...) and save it with save_pretrained")
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Images the way the model's image processor makes them
 
