@@ -155,28 +155,3 @@ def test_evaluation_loaders_skip_empty_shares_training_loaders_keep_them():
         assert [list(b) for b in evaluation] == expected and len(evaluation) == len(expected)
         assert len(train) == len(list(train)) == 2
         assert sum(len(b) for b in train) == sum(len(b) for b in evaluation)
-
-
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 64, 1000, 4097])
-def test_epoch_order_is_a_permutation_whose_pieces_agree_with_the_whole(n):
-    from launcher.data.sampling import EpochOrder
-
-    order = EpochOrder(n, seed=3, epoch=1)
-    whole = order[:]
-    assert sorted(whole.tolist()) == list(range(n))
-    picked = torch.tensor([i for i in (0, n // 3, n - 1) if 0 <= i < n], dtype=torch.int64)
-    assert torch.equal(order[picked], whole[picked])  # a rank computing only its positions gets the same
-    assert torch.equal(order[n // 4: n // 2], whole[n // 4: n // 2])
-
-
-def test_epoch_order_shuffles_well_enough_for_sgd():
-    """No visible structure: the sample at a position is uncorrelated with the position, and neighbouring
-    positions hold samples from all over the dataset."""
-    n = 20_000
-    order = epoch_order(n, seed=0, epoch=0).double()
-    positions = torch.arange(n, dtype=torch.float64)
-    corr = torch.corrcoef(torch.stack([positions, order]))[0, 1].item()
-    assert abs(corr) < 0.03
-    first_batch = order[:256]
-    assert first_batch.min() < n * 0.05 and first_batch.max() > n * 0.95  # a batch spans the dataset
-    assert (order[1:] - order[:-1]).abs().median() > n / 5  # neighbours are far apart, as in a random order

@@ -58,60 +58,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * _MIX + int(epoch) * 0xBF58476D1CE4E5B9 + 1) & _MASK
 
 
-class EpochOrder:
-    """The order of epoch `epoch` as a function: `order[positions]` is the sample at those positions of
-    the epoch, computed for just those positions (O(positions), never O(dataset)), the same on every rank
-    and at every world size.
-
-    The permutation is a bijection of [0, n) built from (seed, epoch) alone: a 4-round Feistel network on
-    the smallest even number of bits that covers n, whose round function multiplies and mixes half-words
-    (products below 2**48, so int64 never overflows), with cycle walking (a value >= n is permuted again
-    until it lands in [0, n); the domain is under 4n, so that takes a few rounds at most on average). A
-    rank materializes only the positions of its own share: at a thousand ranks and 10**7 samples, each
-    rank computes 10**4 positions per epoch instead of shuffling all 10**7.
-    """
-
-    ROUNDS = 4
-
-    def __init__(self, num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> None:
-        if num_samples > 1 << 48:
-            raise ValueError(f"an epoch of {num_samples} samples is beyond 2**48")
-        self.num_samples, self.shuffle = int(num_samples), bool(shuffle)
-        bits = max(2, (max(self.num_samples, 1) - 1).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = (1 << self.half) - 1
-        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        drawn = torch.randint(0, 1 << self.half, (2, self.ROUNDS), generator=generator, dtype=torch.int64)
-        self.keys, self.mults = drawn[0].tolist(), (drawn[1] | 1).tolist()
-
-    def _feistel(self, x: torch.Tensor) -> torch.Tensor:
-        """One bijection of [0, 2**(2*half))."""
-        half, mask = self.half, self.mask
-        left, right = x >> half, x & mask
-        for key, mult in zip(self.keys, self.mults):
-            mixed = ((right ^ key) * mult) & mask
-            mixed ^= mixed >> max(1, half // 2)
-            left, right = right, left ^ mixed
-        return (left << half) | right
-
-    def __getitem__(self, positions: slice | torch.Tensor) -> torch.Tensor:
-        if isinstance(positions, slice):
-            lo, hi, _ = positions.indices(self.num_samples)
-            positions = torch.arange(lo, max(lo, hi), dtype=torch.int64)
-        if not self.shuffle:
-            return positions.clone()
-        out = self._feistel(positions)
-        outside = out >= self.num_samples
-        while bool(outside.any()):  # cycle walking: a bijection of [0, n) from one of the larger domain
-            out[outside] = self._feistel(out[outside])
-            outside = out >= self.num_samples
-        return out
-
-
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """The order of the whole dataset in epoch `epoch` (int64), identical on every rank and world size
-    (the whole of `EpochOrder`: for tests and tools; the sampler computes only its own share)."""
-    return EpochOrder(num_samples, seed, epoch, shuffle)[:]
+    """The order of the whole dataset in epoch `epoch` (int64), identical on every rank and world size."""
+    if not shuffle:
+        return torch.arange(num_samples, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(num_samples, generator=generator)
 
 
 def share(global_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -181,36 +133,20 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         g, end = self.global_batch_size, self.end
         return [min(g, end - lo) for lo in range(self.start, end, g)]
 
-    def _positions(self) -> tuple[torch.Tensor, list[int]]:
-        """This rank's positions in the epoch from `start` (its slice of every global batch, in order), and
-        the length of each slice. Built from the grid of full global batches: no Python loop per sample."""
-        g, b, end = self.global_batch_size, self.batch_size, self.end
-        full = (end - self.start) // g
-        grid = torch.arange(full, dtype=torch.int64)[:, None] * g + (self.start + self.rank * b)
-        parts, lengths = [(grid + torch.arange(b, dtype=torch.int64)).reshape(-1)], [b] * full
-        if self.start + full * g < end:  # a short last global batch, split as evenly as possible
-            lo = self.start + full * g
-            offset, length = share(end - lo, self.rank, self.world_size)
-            parts.append(torch.arange(lo + offset, lo + offset + length, dtype=torch.int64))
-            lengths.append(length)
-        return torch.cat(parts), lengths
-
     def __iter__(self) -> Iterator[EpochIndices]:
-        positions, lengths = self._positions()
-        epoch = self.epoch
-        # The samples at this rank's positions, permuted in one vectorized call: O(its share), not O(dataset).
-        mine = EpochOrder(self.num_samples, self.seed, epoch, self.shuffle)[positions]
-        at, lo = 0, self.start
-        for length in lengths:
-            position, lo = lo, lo + self.global_batch_size
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+        g, end, epoch = self.global_batch_size, self.end, self.epoch
+        full = self.rank * self.batch_size  # offset inside a full global batch
+        for lo in range(self.start, end, g):
+            size = min(g, end - lo)
+            offset, length = (full, self.batch_size) if size == g else share(size, self.rank, self.world_size)
             if not length and self.skip_empty:
                 continue
             # One tensor slice and one tolist() per batch: no Python int passes through a sampler one by one.
-            indices = mine[at: at + length]
-            at += length
+            indices = order[lo + offset: lo + offset + length]
             batch = EpochIndices(indices.tolist(), epoch, indices)
             if self._record:
-                self._write_record(position, batch)
+                self._write_record(lo, batch)
             yield batch
 
     def _write_record(self, position: int, batch: EpochIndices) -> None:
