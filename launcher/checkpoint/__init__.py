@@ -43,7 +43,6 @@ The package, one concern per module (a name is looked up, and so patched, in the
   with the command line, newer checkpoints are set aside.
 """
 
-from launcher.checkpoint.collective import _gather_to_all as _gather_to_all
 from launcher.checkpoint.collective import first_error
 from launcher.checkpoint.files import _fsync_path as _fsync_path
 from launcher.checkpoint.files import _sha256 as _sha256

@@ -14,15 +14,6 @@ import torch.distributed as dist
 from launcher.faults.agreement import _distributed, first_failing_rank, from_rank
 
 
-def _gather_to_all(obj: Any) -> list[Any]:
-    """Every rank's `obj` on every rank: O(world size) per rank; kept for callers outside the checkpoint."""
-    if _distributed():
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
