@@ -210,8 +210,8 @@ class TrainConfig:
                              "predictions)")
         if self.force and self.eval_only:
             raise UsageError("--force takes over a folder for training; --eval-only claims nothing, drop --force")
-        for name in _field_types():
-            meta = _fields()[name].metadata
+        for name, f in _fields(type(self)).items():
+            meta = f.metadata
             if meta.get("choices") and getattr(self, name) is not None and getattr(self, name) not in meta["choices"]:
                 raise UsageError(f"--{_flag(name)} must be one of {', '.join(meta['choices'])} "
                                  f"(got {getattr(self, name)!r})")
@@ -245,7 +245,11 @@ class TrainConfig:
 
 
 def _fields(cls: type | None = None) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls or TrainConfig)}
+    """The keys a recipe takes: its dataclass's fields, less the `not_flags` it inherits but has no use for
+    (recipes/lm.py has no image or label columns)."""
+    cls = cls or TrainConfig
+    dropped = getattr(cls, "not_flags", ())
+    return {f.name: f for f in dataclasses.fields(cls) if f.name not in dropped}
 
 
 def _field_types(cls: type | None = None) -> dict[str, Any]:
@@ -417,9 +421,9 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
     return TrainConfig(**parse_values(argv, description))
 
 
-def relaunch_rule(name: str) -> str:
+def relaunch_rule(name: str, cls: type | None = None) -> str:
     """The key's rule for a relaunch (see RELAUNCH_RULES)."""
-    return _fields()[name].metadata.get("relaunch", "apply")
+    return next(f for f in dataclasses.fields(cls or TrainConfig) if f.name == name).metadata.get("relaunch", "apply")
 
 
 def wandb_credentials_configured() -> bool:

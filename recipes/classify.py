@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from launcher import (
     Checkpointing,
@@ -39,67 +38,21 @@ from launcher import (
 )
 from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
 from launcher.checkpoint.files import write_parquet_atomic
-from launcher.checkpoint.relaunch import (
-    choose_checkpoint,
-    describe_abandoned,
-    is_epoch_end,
-    reconcile,
-    set_aside_newer,
-    stored_config,
-)
 from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, load_weights
-from launcher.config import TrainConfig, parse_values
+from launcher.config import TrainConfig
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.data.streaming import load_stream_splits
 from launcher.data.text import TextOptions
-from launcher.errors import EXIT_USAGE, RunStopped, UsageError
-from launcher.faults.lease import claim_for_ranks
+from launcher.errors import UsageError
 from launcher.faults.write_failures import main_writes
-from launcher.loop import default_unpack, finite_or_none, forward, predict, start_process_group
+from launcher.loop import default_unpack, finite_or_none, forward, predict
+from launcher.loop import launch
 from launcher.loop.determinism import determinism_settings
+from launcher.loop.launch import branch_from, relaunch
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
 from launcher.tracking.tracker import run_metadata, start_tracker
-
-
-def setup_output_dir(config: TrainConfig) -> Path:
-    """Rank 0 picks the folder (a timestamp by default) and every rank uses the same one."""
-    chosen = [str(config.resolved_output_dir())]
-    broadcast_object_list(chosen, from_process=0)
-    return Path(chosen[0])
-
-
-def setup_relaunch(given: dict, config: TrainConfig, output_dir: Path) -> tuple[TrainConfig, Path | None, dict]:
-    """The checkpoint rank 0 chose, and this launch's config checked against the one stored in it
-    (docs/relaunch.md): keys not given come from the checkpoint, changes are applied or refused."""
-    checkpoint = choose_checkpoint(config.resume, output_dir)
-    if checkpoint is None:
-        return config, None, {}
-    stored, state = stored_config(checkpoint)
-    config, notices = reconcile(given, stored, checkpoint=checkpoint, mid_epoch=not is_epoch_end(state),
-                                eval_only=config.eval_only)
-    for line in notices:
-        PartialState().print(line)
-    return config, checkpoint, state
-
-
-def setup_branch(config: TrainConfig, checkpoint: Path | None, output_dir: Path) -> Path | None:
-    """Resuming an older checkpoint of this folder: rank 0 sets the newer ones aside (never deletes them).
-
-    Returns the checkpoint's real folder: checkpoints/best may be re-pointed to follow the new branch.
-    """
-    if checkpoint is None or config.eval_only:
-        return checkpoint
-    state = PartialState()
-    real = checkpoint.resolve() if checkpoint.is_symlink() else checkpoint
-    state.wait_for_everyone()  # every rank has followed the link before rank 0 may move it
-    if state.is_main_process:
-        folder = set_aside_newer(real, output_dir)
-        if folder is not None:
-            print(describe_abandoned(folder, real))
-    state.wait_for_everyone()
-    return real
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
@@ -242,26 +195,10 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     tracker.finish([], 0)
 
 
-def train(argv: list[str] | None = None) -> None:
-    given = parse_values(argv, description=__doc__)
-    config = TrainConfig(**given)  # every flag is checked here, before anything starts or is read
-    # The process group first (bounded by --init-timeout), so that rank 0 can decide for all.
-    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
-                                deterministic=config.deterministic)
-    output_dir = setup_output_dir(config)
-    # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
-    lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
-                                                          force=config.force)
-    try:
-        train_in(given, config, output_dir, lease)
-    finally:
-        if lease is not None:
-            lease.release()
-
-
-def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> None:
-    """Everything after the output folder is claimed: relaunch rules, data, model, then fit."""
-    config, checkpoint, resumed = setup_relaunch(given, config, output_dir)
+def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> None:
+    """Everything after the output folder is claimed (launcher.loop.launch): relaunch rules, data, model,
+    then fit."""
+    config, checkpoint, resumed = relaunch(given, config, output_dir)
     accelerator = make_accelerator(grad_accum=config.grad_accum, seed=config.seed,
                                    collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
                                    deterministic=config.deterministic)
@@ -293,7 +230,7 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
     if loadable != checkpoint:
         checkpoint, resumed = loadable, read_trainer_state(loadable) if loadable else {}
     # Everything is validated: from here on the output folder is written.
-    checkpoint = setup_branch(config, checkpoint, output_dir)
+    checkpoint = branch_from(config, checkpoint, output_dir)
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
                             resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
                             history=resumed.get("history"))
@@ -316,31 +253,8 @@ def train_in(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        train(argv)
-        code = 0
-    except UsageError as err:  # raised alike on every rank: the checks are deterministic
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"classify.py: error: {err}", file=sys.stderr)
-        code = EXIT_USAGE
-    except RunStopped as err:  # raised together on every rank (a failed write, a lost claim)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"classify.py: error: {err}", file=sys.stderr)
-        code = err.exit_code
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Leave together: a rank that tears its group down while a peer is still writing files can take the
-        # peer's connection down with it, and torchrun's exit barrier wants every node to finish cleanly.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return code
+    return launch.main(train, argv, description=__doc__, prog="classify.py")
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Everything is written, the trackers are finished and the process group is gone: leave without the
-    # interpreter's own teardown, in which gloo's background threads once aborted a finished rank
-    # ("terminate called without an active exception", 1 in about 400 test launches), turning a
-    # completed run into a failed one for torchrun.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    launch.exit_now(main())

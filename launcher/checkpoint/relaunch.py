@@ -69,17 +69,17 @@ def _show(value: Any) -> str:
 
 
 def reconcile(given: dict[str, Any], stored: dict[str, Any], *, checkpoint: Path, mid_epoch: bool,
-              eval_only: bool) -> tuple[TrainConfig, list[str]]:
+              eval_only: bool, cls: type = TrainConfig) -> tuple[TrainConfig, list[str]]:
     """The config of this launch: the stored one, overridden by what was given where the rules allow.
 
     Returns the config and the notice lines to print (one per applied change). Raises UsageError naming the
     first key that cannot change, its stored value and how to start a fresh run instead.
     """
-    known = TrainConfig.__dataclass_fields__
+    known = cls.__dataclass_fields__
     values: dict[str, Any] = {}
     notices: list[str] = []
     for name in known:
-        rule = relaunch_rule(name)
+        rule = relaunch_rule(name, cls)
         if rule == "launch" or name not in stored:
             if name in given:
                 values[name] = given[name]
@@ -100,7 +100,7 @@ def reconcile(given: dict[str, Any], stored: dict[str, Any], *, checkpoint: Path
         if not eval_only:
             when = "from the next epoch, the LR schedule re-planned" if rule == "refuse-mid-epoch" else "from now on"
             notices.append(f"relaunch: {_flag(name)} {_show(old)} -> {_show(new)} (applies {when})")
-    return TrainConfig(**values), notices
+    return cls(**values), notices
 
 
 def set_aside_newer(checkpoint: Path, output_dir: Path) -> Path | None:

@@ -21,7 +21,8 @@ The package, one concern per module (a name is looked up, and so patched, in the
 - `state`: FitRun, the per-`fit` state;
 - `resume`: restoring a run from a checkpoint, the re-planned schedule, runs already finished;
 - `outputs`: checkpoints, the final model, metrics.jsonl, and the finiteness checks (Diverged);
-- `training`: fit and the epoch loop.
+- `training`: fit and the epoch loop;
+- `launch`: what every recipe does around fit (flags, process group, output folder, relaunch, exit codes).
 """
 
 from launcher.loop.accelerator import make_accelerator, start_process_group, use_cpu

@@ -1,0 +1,124 @@
+"""What every recipe does around `fit`: flags, the process group, the output folder, the relaunch rules,
+the claim on the folder, and how the processes leave.
+
+A recipe (recipes/classify.py, recipes/lm.py) writes one function, `body(given, config, output_dir, lease)`,
+that builds its data, model and task and calls `fit`; `main(body, ...)` runs it with everything below
+around it, the same way for every recipe:
+
+1. the flags are parsed into the recipe's config dataclass (every value checked before anything starts);
+2. the process group starts first (bounded by --init-timeout), so that rank 0 can decide for all;
+3. rank 0 picks the output folder and every rank uses it; a second launch on a folder in use stops here;
+4. `relaunch` / `branch_from`, called by the body: the checkpoint to continue from, this launch's
+   flags checked against the ones stored in it (docs/relaunch.md), newer checkpoints set aside;
+5. a UsageError or RunStopped becomes one line on rank 0 and its exit code on every rank; the ranks leave
+   together (barrier, then the group is destroyed), and `exit_now` skips the interpreter's teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from launcher.checkpoint.relaunch import choose_checkpoint, describe_abandoned, is_epoch_end, reconcile, \
+    set_aside_newer, stored_config
+from launcher.config import TrainConfig, parse_values
+from launcher.errors import EXIT_USAGE, RunStopped, UsageError
+from launcher.faults.lease import claim_for_ranks
+from launcher.loop.accelerator import start_process_group
+
+Body = Callable[[dict, Any, Path, Any], None]
+
+
+def choose_output_dir(config: TrainConfig) -> Path:
+    """Rank 0 picks the folder (a timestamp by default) and every rank uses the same one."""
+    chosen = [str(config.resolved_output_dir())]
+    broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0])
+
+
+def relaunch(given: dict, config: TrainConfig, output_dir: Path) -> tuple[TrainConfig, Path | None, dict]:
+    """The checkpoint rank 0 chose, and this launch's config checked against the one stored in it
+    (docs/relaunch.md): keys not given come from the checkpoint, changes are applied or refused."""
+    checkpoint = choose_checkpoint(config.resume, output_dir)
+    if checkpoint is None:
+        return config, None, {}
+    stored, state = stored_config(checkpoint)
+    config, notices = reconcile(given, stored, checkpoint=checkpoint, mid_epoch=not is_epoch_end(state),
+                                eval_only=config.eval_only, cls=type(config))
+    for line in notices:
+        PartialState().print(line)
+    return config, checkpoint, state
+
+
+def branch_from(config: TrainConfig, checkpoint: Path | None, output_dir: Path) -> Path | None:
+    """Resuming an older checkpoint of this folder: rank 0 sets the newer ones aside (never deletes them).
+
+    Returns the checkpoint's real folder: checkpoints/best may be re-pointed to follow the new branch.
+    """
+    if checkpoint is None or config.eval_only:
+        return checkpoint
+    state = PartialState()
+    real = checkpoint.resolve() if checkpoint.is_symlink() else checkpoint
+    state.wait_for_everyone()  # every rank has followed the link before rank 0 may move it
+    if state.is_main_process:
+        folder = set_aside_newer(real, output_dir)
+        if folder is not None:
+            print(describe_abandoned(folder, real))
+    state.wait_for_everyone()
+    return real
+
+
+def launch(body: Body, argv: list[str] | None, *, cls: type = TrainConfig, description: str | None = None) -> None:
+    """Flags, process group, output folder and its claim, then `body`; the claim is released at the end."""
+    given = parse_values(argv, description=description, cls=cls)
+    config = cls(**given)  # every flag is checked here, before anything starts or is read
+    # The process group first (bounded by --init-timeout), so that rank 0 can decide for all.
+    state = start_process_group(collective_timeout=config.collective_timeout, init_timeout=config.init_timeout,
+                                deterministic=config.deterministic)
+    output_dir = choose_output_dir(config)
+    # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
+    lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
+                                                          force=config.force)
+    try:
+        body(given, config, output_dir, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def main(body: Body, argv: list[str] | None = None, *, cls: type = TrainConfig, description: str | None = None,
+         prog: str = "recipe") -> int:
+    """`launch`, with bad input and stopped runs turned into one line on rank 0 and an exit code."""
+    try:
+        launch(body, argv, cls=cls, description=description)
+        code = 0
+    except UsageError as err:  # raised alike on every rank: the checks are deterministic
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    except RunStopped as err:  # raised together on every rank (a failed write, a lost claim)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        code = err.exit_code
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave together: a rank that tears its group down while a peer is still writing files can take the
+        # peer's connection down with it, and torchrun's exit barrier wants every node to finish cleanly.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return code
+
+
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's own teardown: everything is written, the trackers are finished and the
+    process group is gone, and in that teardown gloo's background threads once aborted a finished rank
+    ("terminate called without an active exception", 1 in about 400 test launches), turning a completed
+    run into a failed one for torchrun."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
