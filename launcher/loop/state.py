@@ -45,6 +45,7 @@ class FitRun:
     save_every_steps: int | None
     output_dir: Path | None  # None: nothing is written
     export_final: Callable[[torch.nn.Module, dict, Path], None] | None  # writes more into final/ (rank 0)
+    throughput: Any  # launcher.tracking.throughput.Throughput (FLOPs per token, peak) for MFU, or None
     # What a checkpoint saves and a resume restores.
     state: TrainerState
     # The training loader's ElasticBatchSampler (launcher.data.sampling), None for a loader Accelerate prepared:

@@ -50,6 +50,7 @@ from launcher.parallel.fsdp import launcher_shards, shard_model
 from launcher.parallel.unused_parameters import configure_ddp
 from launcher.tasks.base import Task, TaskStats
 from launcher.tasks.metrics import MetricSet
+from launcher.tracking.throughput import Throughput
 from launcher.tracking.tracker import NullTracker, Tracker
 
 
@@ -93,6 +94,7 @@ def fit(
     progress: bool = True,
     unpack_batch: UnpackBatch = default_unpack,
     find_unused_parameters: str | bool = "auto",
+    throughput: Throughput | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -124,6 +126,8 @@ def fit(
     log_every: training-loss log interval in optimizer steps (passed to tracker.log_train).
     find_unused_parameters: 'auto' (one probe step finds parameters the loss does not reach; DDP then
         runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.parallel.unused_parameters).
+    throughput: the model's FLOPs per token and the device's peak (launcher.tracking.throughput.Throughput):
+        a token-level task's rows then carry `mfu` beside `tokens_per_second` (which they carry anyway).
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
     `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
     `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
@@ -170,7 +174,7 @@ def fit(
         task=task, compute=compute, metrics=metric_set, unpack=unpack_batch,
         max_grad_norm=max_grad_norm, log_every=log_every, tracker=tracker, progress=progress,
         save_every_steps=ckpt.save_every_steps, output_dir=Path(ckpt.output_dir) if ckpt.output_dir else None,
-        export_final=ckpt.export_final,
+        export_final=ckpt.export_final, throughput=throughput,
         state=TrainerState(world_size=accelerator.num_processes, config=dict(ckpt.config or {}),
                            extra=dict(ckpt.extra_state or {})),
         train_sampler=train_sampler,
@@ -405,9 +409,23 @@ def _log_train(run: FitRun, stats: TaskStats, clock: _EpochClock, epoch_progress
     metrics = {"loss": loss, "lr": lr, "samples_per_second": rate, "epoch": epoch_progress}
     if math.isfinite(norm):
         metrics["grad_norm"] = norm
+    shown = {}
+    if run.task.token_level:  # `seen` counts the tokens the loss covered, on every rank
+        metrics.update(_token_rates(run, (seen - mark_seen) / max(now - mark_time, 1e-9)))
+        shown["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
     run.tracker.log_train(run.state.global_step, metrics)
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **shown, refresh=False)
     run.log_mark = (now, clock.samples, loss_sum, seen)
+
+
+def _token_rates(run: FitRun, tokens_per_second: float) -> dict:
+    """Tokens per second in total and per process, and MFU where fit was told the FLOPs and the peak."""
+    per_process = tokens_per_second / run.accelerator.num_processes
+    rates = {"tokens_per_second": tokens_per_second, "tokens_per_second_per_process": per_process}
+    utilisation = run.throughput.mfu(per_process) if run.throughput is not None else None
+    if utilisation is not None:
+        rates["mfu"] = utilisation
+    return rates
 
 
 def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
@@ -426,6 +444,9 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
         "samples_per_second": run.train_metrics.samples / state.train_seconds if state.train_seconds else 0.0,
         "world_size": acc.num_processes,
     }
+    tokens = run.train_metrics.get("tokens") if run.task.token_level else None
+    if tokens is not None:  # the epoch's exact global token count over its training time
+        row.update(_token_rates(run, tokens / state.train_seconds if state.train_seconds else 0.0))
     state.history.append(row)
     if acc.is_main_process:
         if run.output_dir is not None and run.write_failure is None:
@@ -439,7 +460,9 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
         own = "".join(f" val_{name} {row[f'val_{name}']:.4f}" for name in run.metrics.names()
                       if isinstance(row.get(f"val_{name}"), float))
         summary = (f"epoch {row['epoch']}: {run.task.summary(row)}{own} | lr {row['lr']:.2e} "
-                   f"| {row['epoch_seconds']:.1f}s, {row['samples_per_second']:.0f} samples/s")
+                   f"| {row['epoch_seconds']:.1f}s, {row['samples_per_second']:.0f} samples/s"
+                   + (f", {row['tokens_per_second']:.0f} tokens/s" if "tokens_per_second" in row else "")
+                   + (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""))
         tqdm.write(summary)
     run.tracker.log_epoch(row)
     return row

@@ -1,8 +1,10 @@
-"""`--model hf:NAME_OR_PATH`: transformers image and text classifiers, their preprocessing and their export.
+"""`--model hf:NAME_OR_PATH`: transformers classifiers and causal LMs, their preprocessing and their export.
 
 - `load_model` picks AutoModelForImageClassification or AutoModelForSequenceClassification from the data,
   with the dataset's class names as `id2label`/`label2id`. A checkpoint whose head has another number of
   classes gets a new head (`ignore_mismatched_sizes`), said in one line.
+- `load_causal_lm` is AutoModelForCausalLM for recipes/lm.py, from weights or (`--from-scratch`) a config;
+  `load_lm_tokenizer` its tokenizer (or the built-in byte tokenizer).
 - `load_tokenizer` is the model's own tokenizer, for text datasets (launcher.data.text tokenizes with it).
 - `with_image_processor` makes image batches the way the model's image processor would: its size, its
   rescaling and its mean/std instead of the dataset's own standardization.
@@ -114,6 +116,34 @@ def load_model(name: str, data: Any, notice: Callable[[str], None] = print) -> t
     tokenizer = data.preprocessor if data.kind == "text" else None
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
+    return model
+
+
+def load_causal_lm(name: str, tokenizer: Any, *, from_scratch: bool = False,
+                   notice: Callable[[str], None] = print) -> torch.nn.Module:
+    """AutoModelForCausalLM from `name`'s weights, or (`from_scratch`) built from its config with fresh
+    weights (pretraining a transformers architecture). Embeddings smaller than the tokenizer's vocabulary
+    are resized, as run_clm does."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(name)
+    try:
+        with _quiet():
+            if from_scratch:
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            else:  # float32 master weights whatever the checkpoint's dtype (see load_model)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except ValueError as error:  # a config class AutoModelForCausalLM does not know (an encoder, a classifier)
+        raise UsageError(f"--model hf:{name} is a {config.model_type} model, which transformers cannot build as "
+                         f"a causal language model ({_first_line(error)[:120]})") from None
+    except OSError as error:
+        raise UsageError(f"--model hf:{name}: cannot load its weights ({_first_line(error)}); "
+                         f"--from-scratch trains one from its config instead") from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        notice(f"hf:{name}: embeddings resized to the tokenizer's {len(tokenizer)} tokens")
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 

@@ -22,6 +22,7 @@ other device needs `--peak-flops`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -104,3 +105,15 @@ def describe_peak(device_name: str | None, peak: float | None) -> str:
     if not device_name or device_name.lower() == "cpu":
         return "MFU: none on a CPU (no peak FLOP/s to compare with)"
     return f"MFU: peak FLOP/s of {device_name!r} unknown; pass --peak-flops (e.g. 312e12 for an A100)"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What `fit(throughput=...)` needs to report MFU beside tokens per second: the model's training FLOPs
+    per token (`flops_per_token`) and the device's peak (`peak_flops`, None: no MFU, as on a CPU)."""
+
+    flops_per_token: int
+    peak_flops: float | None = None
+
+    def mfu(self, tokens_per_second_per_device: float) -> float | None:
+        return mfu(tokens_per_second_per_device, self.flops_per_token, self.peak_flops)

@@ -240,6 +240,14 @@ class BlockDataset(BatchedDataset):
     def token_count(self) -> int:
         return len(self.blocks) * self.block_size
 
+    def sample(self, num_blocks: int, seed: int) -> BlockDataset:
+        """A fixed random subset of `num_blocks` blocks (kept in corpus order), drawn by `seed`: the same on
+        every rank and every relaunch, so a capped epoch (--train-tokens) resumes exactly."""
+        if num_blocks >= len(self):
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(len(self), size=num_blocks, replace=False))
+        return BlockDataset(np.ascontiguousarray(self.blocks[chosen]), self.block_size)
+
 
 def _as_array(blocks: datasets.Dataset, block_size: int) -> np.ndarray:
     """(num_blocks, block_size) int32 from the Arrow column: a view of the memory-mapped cache when it is
