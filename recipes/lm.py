@@ -53,6 +53,7 @@ from launcher.tracking.throughput import (
 )
 from launcher.tracking.tracker import NullTracker, run_metadata, start_tracker
 
+SAMPLE_TOP_K, SAMPLE_TEMPERATURE = 10, 0.8
 STDLIB_TRAIN_TOKENS = 2_000_000  # the default run's tokens per epoch: about a minute per epoch on one core
 
 
@@ -208,18 +209,23 @@ def prompt_ids(config: LMConfig, data: LMSplits) -> torch.Tensor:
     return torch.as_tensor(data.val[0]["input_ids"][:32], dtype=torch.long).unsqueeze(0)
 
 
-def continuation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[str, str]:
-    """(prompt text, greedy continuation text) from a plain (unsharded) model on this process alone."""
+def continuation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, new_tokens: int,
+                 seed: int = 0) -> tuple[str, str]:
+    """(prompt text, continuation text) from a plain (unsharded) model on this process alone: top-10
+    sampling at temperature 0.8 with its own seeded generator (greedy decoding of a small model repeats
+    itself; the seed makes the sample the same on every call)."""
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     if isinstance(model, GPT):
-        out = model.generate(prompt, new_tokens)
+        out = model.generate(prompt, new_tokens, top_k=SAMPLE_TOP_K, temperature=SAMPLE_TEMPERATURE, seed=seed)
     else:
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=True, top_k=SAMPLE_TOP_K, temperature=SAMPLE_TEMPERATURE,
+                                 pad_token_id=tokenizer.pad_token_id)
         model.train(was_training)
     return tokenizer.decode(prompt[0].tolist()), tokenizer.decode(out[0, prompt.shape[1]:].tolist())
 
@@ -229,16 +235,16 @@ class SampleTables:
     from the live model: not under FSDP, where a forward pass needs every rank)."""
 
     def __init__(self, tracker: Any, model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor,
-                 new_tokens: int) -> None:
+                 new_tokens: int, seed: int) -> None:
         self._tracker, self._model, self._tokenizer = tracker, model, tokenizer
-        self._prompt, self._new_tokens, self._rows = prompt, new_tokens, []
+        self._prompt, self._new_tokens, self._seed, self._rows = prompt, new_tokens, seed, []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tracker, name)
 
     def log_epoch(self, row: dict) -> None:
         self._tracker.log_epoch(row)
-        prompt, text = continuation(self._model, self._tokenizer, self._prompt, self._new_tokens)
+        prompt, text = continuation(self._model, self._tokenizer, self._prompt, self._new_tokens, self._seed)
         self._rows.append([row["epoch"], row["step"], prompt, text])
         self._tracker.log_table("samples", ["epoch", "step", "prompt", "continuation"], self._rows, step=row["step"])
 
@@ -247,7 +253,7 @@ def sample_tracker(tracker: Any, config: LMConfig, accelerator: Accelerator, mod
                    data: LMSplits) -> Any:
     if isinstance(tracker, NullTracker) or not config.sample_tokens or is_fsdp(accelerator):
         return tracker
-    return SampleTables(tracker, model, data.tokenizer, prompt_ids(config, data), config.sample_tokens)
+    return SampleTables(tracker, model, data.tokenizer, prompt_ids(config, data), config.sample_tokens, config.seed)
 
 
 def final_model(config: LMConfig, output_dir: Path, data: LMSplits) -> torch.nn.Module:
@@ -346,9 +352,10 @@ def train(given: dict, config: LMConfig, output_dir: Path, lease: Any) -> None:
         find_unused_parameters=config.find_unused_parameters, throughput=throughput)
     if accelerator.is_main_process and config.sample_tokens:
         prompt, text = continuation(final_model(config, output_dir, data), data.tokenizer,
-                                    prompt_ids(config, data), config.sample_tokens)
-        print(f"sample (greedy, final weights):\n{prompt}\033[1m{text}\033[0m" if os.isatty(1) else
-              f"sample (greedy, final weights), prompt | continuation:\n{prompt} | {text}")
+                                    prompt_ids(config, data), config.sample_tokens, config.seed)
+        what = f"sample of the final weights (top-{SAMPLE_TOP_K}, temperature {SAMPLE_TEMPERATURE}, seed {config.seed})"
+        print(f"{what}:\n{prompt}\033[1m{text}\033[0m" if os.isatty(1) else
+              f"{what}, prompt then continuation:\n{prompt}\n---\n{text}")
     accelerator.print(f"done: {output_dir}/final/model.safetensors"
                       + (f" and {output_dir}/final/hf (from_pretrained)" if hf.is_hf(config.model) else ""))
 

@@ -100,7 +100,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-TIMING_KEYS = ("epoch_seconds", "samples_per_second")
+TIMING_KEYS = ("epoch_seconds", "samples_per_second", "tokens_per_second", "tokens_per_second_per_process", "mfu")
 
 
 def comparable(rows: list[dict]) -> list[dict]:

@@ -392,7 +392,8 @@ def _log_train(run: FitRun, stats: TaskStats, clock: _EpochClock, epoch_progress
     sample counts are all-reduced (one collective per log interval, none per step) and read once. A loss
     that is not finite on any rank stops the run here (Diverged)."""
     acc = run.accelerator
-    totals = stats.loss_and_items().double()
+    # A copy: the all-reduce works in place, and `.double()` of a float64 buffer is the buffer itself.
+    totals = stats.loss_and_items().to(torch.float64, copy=True)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
     grad_norm = run.grad_norm if isinstance(run.grad_norm, torch.Tensor) else totals.new_full((1,), math.nan)
