@@ -180,8 +180,8 @@ def test_hf_gpt2_under_fsdp2_saves_sharded_resumes_and_exports_a_generating_mode
     args = ["--dataset", str(corpus), "--model", f"hf:{tiny_gpt2}", "--output-dir", str(out), *HF_ARGS]
     first = _lm([*args, "--epochs", "1"], nproc=2, config="cpu_fsdp")
     assert "FSDP2" in first.stdout
-    [checkpoint] = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch-")]
-    assert list(checkpoint.rglob("*.distcp")), "an FSDP2 run saves each rank's shard"
+    checkpoint = (out / "checkpoints" / "best").resolve()  # the epoch's end
+    assert sorted(p.name for p in checkpoint.rglob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a shard each
     second = _lm([*args, "--epochs", "2"], nproc=2, config="cpu_fsdp")
     assert "resumed from" in second.stdout and "sample of the final weights" in second.stdout
     rows = _rows(out)

@@ -46,7 +46,7 @@ from launcher.loop.outputs import (
 from launcher.loop.resume import _finish_finished, _replan_schedule, _resume, finished_reason, planned_steps
 from launcher.loop.state import FitRun
 from launcher.loop.steps import _CountWeights, _ElasticFeed, _plain_samples_done, _step_functions
-from launcher.parallel.fsdp import launcher_shards, shard_model
+from launcher.parallel.fsdp import block_wrap_policy, is_fsdp, launcher_shards, shard_model
 from launcher.parallel.unused_parameters import configure_ddp
 from launcher.tasks.base import Task, TaskStats
 from launcher.tasks.metrics import MetricSet
@@ -159,6 +159,8 @@ def fit(
         return out.losses.sum() / (out.counts.sum().clamp(min=1) if out.counts is not None else out.losses.numel())
 
     configure_ddp(accelerator, model, probe_loader, batch_loss, find_unused_parameters)
+    if is_fsdp(accelerator):
+        block_wrap_policy()  # one unit per transformer block (accelerate's size-based picks break HF causal LMs)
     if launcher_shards(accelerator):  # an FSDP config on CPU: the launcher applies FSDP2 (launcher.parallel.fsdp)
         model = shard_model(accelerator, model, optimizer)
     model, optimizer, train_loader, val_loader = _prepare(accelerator, model, optimizer, train_loader, val_loader)

@@ -92,6 +92,40 @@ def _plugin_from_env(accelerator: Accelerator) -> Any:
     return plugin
 
 
+def block_wrap_policy() -> None:
+    """Make accelerate's FSDP2 auto-wrap give a model's transformer blocks units of their own.
+
+    accelerate's size-based policy picks every module above `fsdp_min_num_params`, bottom-up, and two of
+    its picks break on transformers' causal LMs: a container without a forward (GPT-2 keeps its blocks in a
+    plain `nn.ModuleList`, which `fully_shard` refuses: "does not support containers that do not implement
+    forward"), and the decoder stack that holds the tied token embedding (sharding it replaces the
+    embedding's parameter, so the output projection no longer shares it and accelerate shards the embedding
+    a second time). So where the model names its blocks (`_no_split_modules`: every transformers model,
+    and the built-in GPT) the policy becomes one unit per block, which is what transformer-based wrap,
+    torchtitan and HF Trainer do; elsewhere it only passes over containers without a forward. Applied to
+    accelerate's function in place (both `Accelerator.prepare` on GPUs and `shard_model` on CPUs call it
+    there); idempotent.
+    """
+    from accelerate.utils import fsdp_utils
+
+    original = fsdp_utils.fsdp2_prepare_auto_wrap_policy
+    if getattr(original, "launcher_blocks", False):
+        return
+
+    def auto_wrap_policy(plugin: Any, model: torch.nn.Module) -> Any:
+        policy = original(plugin, model)
+        if policy is None:
+            return None
+        blocks = tuple({type(m) for m in model.modules()
+                        if type(m).__name__ in (getattr(model, "_no_split_modules", None) or ())})
+        if blocks:
+            return lambda module: isinstance(getattr(module, "_checkpoint_wrapped_module", module), blocks)
+        return lambda module: type(module).forward is not torch.nn.Module.forward and policy(module)
+
+    auto_wrap_policy.launcher_blocks = True  # type: ignore[attr-defined]
+    fsdp_utils.fsdp2_prepare_auto_wrap_policy = auto_wrap_policy
+
+
 def shard_model(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
     """Apply FSDP2 to `model` in place on a CPU gloo group and point `optimizer` at the sharded parameters.
 
