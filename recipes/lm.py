@@ -114,6 +114,10 @@ class LMConfig(TrainConfig):
         if hf.is_hf(self.model) and self.tokenizer != BYTE:
             raise UsageError(f"--tokenizer is for the built-in models; --model {self.model} uses its own: "
                              f"drop --tokenizer")
+        if self.streaming and self.scheduler == "cosine":
+            raise UsageError("--scheduler cosine needs the number of training steps, which a stream does not know "
+                             "until it is read; with --streaming use --scheduler constant (and --warmup-steps) or "
+                             "plateau")
         if self.from_scratch and not hf.is_hf(self.model):
             raise UsageError("--from-scratch is for hf: models (the built-in GPT always starts from fresh weights); "
                              "drop it")

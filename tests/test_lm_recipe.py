@@ -167,6 +167,20 @@ def test_a_resume_on_3_processes_continues_the_epoch_with_each_block_once(corpus
     assert rows[-1]["world_size"] == 3 and rows[-1]["val_tokens"] == reference[-1]["val_tokens"]
 
 
+@pytest.mark.slow
+def test_streaming_resumes_mid_epoch_bit_identical(corpus, tmp_path):
+    """--streaming: documents tokenized and packed per rank as they are read; killed after a step checkpoint
+    and resumed on the same world size, the run ends as the uninterrupted one."""
+    args = ["--dataset", str(corpus), *GPT_ARGS, "--streaming", "--scheduler", "constant"]
+    clean = tmp_path / "clean"
+    _lm([*args, "--output-dir", str(clean)], nproc=2)
+    killed = tmp_path / "killed"
+    _kill_after_first_step_checkpoint([*args, "--output-dir", str(killed)], killed, nproc=2)
+    assert "resumed from" in _lm([*args, "--output-dir", str(killed)], nproc=2).stdout
+    assert_same_weights(final_weights(killed), final_weights(clean))
+    assert comparable(_rows(killed)) == comparable(_rows(clean))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A transformers causal LM: FSDP2, sharded checkpoints, final/hf
 
@@ -229,11 +243,13 @@ BAD = [
     (["--dataset", "{bad}/short", "--block-size", "64"], "makes 0 block(s) of 64 tokens"),
     (["--model", "gpt-nano", "--from-scratch"], "--from-scratch is for hf: models"),
     (["--image-column", "x"], "unrecognized arguments: --image-column"),
+    (["--streaming"], "--scheduler cosine needs the number of training steps"),
 ]
 
 
 @pytest.mark.parametrize("args,needle", BAD, ids=["no-text-column", "block-beyond-positions", "no-tokenizer",
-                                                   "too-small", "from-scratch-builtin", "classify-flag"])
+                                                   "too-small", "from-scratch-builtin", "classify-flag",
+                                                   "streaming-cosine"])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(bad_inputs, corpus, tiny_gpt2, tmp_path, args, needle):
     out = tmp_path / "existing"
     out.mkdir()

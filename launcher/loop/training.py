@@ -346,7 +346,8 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
             state.samples_done = _plain_samples_done(train_loader, state.batches_done)
             last = state.batches_done == total_batches
         if state.global_step % run.log_every == 0:
-            progress = state.samples_done / feed.sampler.num_samples if feed else state.batches_done / total_batches
+            progress = (state.samples_done / feed.sampler.num_samples if feed else
+                        state.batches_done / total_batches if total_batches else 0.0)  # a stream: length unknown
             _log_train(run, stats, clock, epoch + progress, bar)
         if last:
             continue  # the epoch-end checkpoint covers it; no break, so Accelerate's loader closes itself
