@@ -306,3 +306,24 @@ def test_sweep_runs_each_array_task_in_its_own_dir_and_requeues_tasks_separately
     assert wandb_runs[0.003][0].run_id != wandb_runs[0.001][0].run_id
     weights = [final_weights(out / "lr-0.003"), final_weights(out / "lr-0.001")]
     assert any((weights[0][k] != weights[1][k]).any() for k in weights[0])  # two different runs
+
+
+def test_language_model_job_trains_on_two_nodes(cluster, tmp_path):
+    """`launcher submit -- recipes/lm.py ...`: the language-model recipe as a 2-node job (a local corpus)."""
+    corpus = tmp_path / "corpus"
+    for split, count in (("train", 40), ("validation", 4)):
+        (corpus / split).mkdir(parents=True)
+        for i in range(count):
+            (corpus / split / f"{i}.txt").write_text(f"document {i} of the {split} split\n" * 20)
+    run = tmp_path / "lm-run"
+    job_id, _ = submit(cluster, ["--nodes", "2", "--output-dir", str(run)],
+                       ["recipes/lm.py", "--dataset", str(corpus), "--block-size", "32", "--batch-size", "8",
+                        "--epochs", "1", "--sample-tokens", "8"])
+    log = run / "slurm" / f"lm-{job_id}.out"
+    [record] = wait_job(cluster, job_id, 240, log)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", read_log(log)[-4000:]
+    [row] = read_metrics(run)
+    assert row["world_size"] == 2 and row["val_perplexity"] > 1 and row["tokens_per_second"] > 0
+    info = json.loads((run / "config.json").read_text())["run_info"]
+    assert (info["num_nodes"], info["procs_per_node"]) == (2, 1)
+    assert "sample of the final weights" in read_log(log)
