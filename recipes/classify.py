@@ -26,7 +26,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from launcher import (
-    Checkpointing,
     EarlyStopping,
     Monitor,
     MultiLabelClassification,
@@ -36,9 +35,9 @@ from launcher import (
     fit,
     make_accelerator,
 )
-from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
+from launcher.checkpoint import write_json_atomic
 from launcher.checkpoint.files import write_parquet_atomic
-from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, load_weights
+from launcher.checkpoint.sharded import check_resume_format, load_weights
 from launcher.config import TrainConfig
 from launcher.data import DataSplits, load_splits, make_loader
 from launcher.data.streaming import load_stream_splits
@@ -48,7 +47,7 @@ from launcher.faults.write_failures import main_writes
 from launcher.loop import default_unpack, finite_or_none, forward, predict
 from launcher.loop import launch
 from launcher.loop.determinism import determinism_settings
-from launcher.loop.launch import branch_from, relaunch
+from launcher.loop.launch import open_run, relaunch
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
@@ -222,25 +221,8 @@ def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> Non
                                seed=config.seed)
     val_loader = make_loader(data.val, config.eval_batch_size or config.batch_size, shuffle=False,
                              num_workers=config.num_workers, seed=config.seed)
-    # A checkpoint that validates but does not fit this model: --resume auto falls back to an older one.
-    # (A sharded checkpoint is checked by DCP as it loads, into the sharded model.)
-    loadable = checkpoint if checkpoint is None or is_sharded_checkpoint(checkpoint) else loadable_checkpoint(
-        checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto", output_dir=output_dir,
-        is_main=accelerator.is_main_process)
-    if loadable != checkpoint:
-        checkpoint, resumed = loadable, read_trainer_state(loadable) if loadable else {}
-    # Everything is validated: from here on the output folder is written.
-    checkpoint = branch_from(config, checkpoint, output_dir)
-    tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
-                            resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
-                            history=resumed.get("history"))
-    main_writes(accelerator.is_main_process, output_dir, "config.json",
-                lambda: write_json_atomic(output_dir / "config.json", {"config": config.to_dict(), "run_info": info}))
-    accelerator.print(f"distributed: {info['distributed_type']}, {info['world_size']} processes on "
-                      f"{info['device']}, mixed precision {info['mixed_precision']}")
-    checkpointing = Checkpointing(
-        output_dir, save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
-        config={"config": config.to_dict(), "run_info": info}, extra_state={"wandb_run_id": tracker.run_id},
+    checkpointing, tracker = open_run(
+        config, accelerator, output_dir, checkpoint, resumed, model=model, optimizer=optimizer, info=info,
         lease=lease, export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
     patience = config.early_stopping_patience
     fit(model, optimizer, train_loader, val_loader, epochs=config.epochs, task=task,

@@ -8,8 +8,9 @@ around it, the same way for every recipe:
 1. the flags are parsed into the recipe's config dataclass (every value checked before anything starts);
 2. the process group starts first (bounded by --init-timeout), so that rank 0 can decide for all;
 3. rank 0 picks the output folder and every rank uses it; a second launch on a folder in use stops here;
-4. `relaunch` / `branch_from`, called by the body: the checkpoint to continue from, this launch's
-   flags checked against the ones stored in it (docs/relaunch.md), newer checkpoints set aside;
+4. `relaunch` and `open_run`, called by the body: the checkpoint to continue from, this launch's flags
+   checked against the ones stored in it (docs/relaunch.md), a checkpoint that does not fit the model
+   skipped, newer checkpoints set aside, the W&B run, config.json, and fit's Checkpointing;
 5. a UsageError or RunStopped becomes one line on rank 0 and its exit code on every rank; the ranks leave
    together (barrier, then the group is destroyed), and `exit_now` skips the interpreter's teardown.
 """
@@ -25,12 +26,17 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
 from launcher.checkpoint.relaunch import choose_checkpoint, describe_abandoned, is_epoch_end, reconcile, \
     set_aside_newer, stored_config
+from launcher.checkpoint.sharded import is_sharded_checkpoint
 from launcher.config import TrainConfig, parse_values
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.faults.lease import claim_for_ranks
+from launcher.faults.write_failures import main_writes
 from launcher.loop.accelerator import start_process_group
+from launcher.loop.options import Checkpointing
+from launcher.tracking.tracker import start_tracker
 
 Body = Callable[[dict, Any, Path, Any], None]
 
@@ -72,6 +78,35 @@ def branch_from(config: TrainConfig, checkpoint: Path | None, output_dir: Path) 
             print(describe_abandoned(folder, real))
     state.wait_for_everyone()
     return real
+
+
+def open_run(config: TrainConfig, accelerator: Any, output_dir: Path, checkpoint: Path | None, resumed: dict, *,
+             model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict, lease: Any,
+             export_final: Callable | None = None) -> tuple[Checkpointing, Any]:
+    """From here on the output folder is written: (fit's Checkpointing, the tracker).
+
+    A checkpoint that validates but does not fit this model is skipped (--resume auto falls back to an
+    older one; a sharded checkpoint is checked by DCP as it loads, into the sharded model); newer
+    checkpoints are set aside when an older one is resumed; the W&B run continues the checkpoint's;
+    config.json holds the config and the run's facts (`info`)."""
+    loadable = checkpoint if checkpoint is None or is_sharded_checkpoint(checkpoint) else loadable_checkpoint(
+        checkpoint, model=model, optimizer=optimizer, fallback=config.resume == "auto", output_dir=output_dir,
+        is_main=accelerator.is_main_process)
+    if loadable != checkpoint:
+        checkpoint, resumed = loadable, read_trainer_state(loadable) if loadable else {}
+    checkpoint = branch_from(config, checkpoint, output_dir)
+    tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
+                            resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
+                            history=resumed.get("history"))
+    stored = {"config": config.to_dict(), "run_info": info}
+    main_writes(accelerator.is_main_process, output_dir, "config.json",
+                lambda: write_json_atomic(output_dir / "config.json", stored))
+    accelerator.print(f"distributed: {info['distributed_type']}, {info['world_size']} processes on "
+                      f"{info['device']}, mixed precision {info['mixed_precision']}")
+    checkpointing = Checkpointing(
+        output_dir, save_every_steps=config.save_every_steps, keep_last=config.keep_last, resume_from=checkpoint,
+        config=stored, extra_state={"wandb_run_id": tracker.run_id}, lease=lease, export_final=export_final)
+    return checkpointing, tracker
 
 
 def launch(body: Body, argv: list[str] | None, *, cls: type = TrainConfig, description: str | None = None) -> None:
