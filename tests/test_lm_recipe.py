@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.tracking.wandb_records import find_run_files, read_run_file
 from tests.helpers import (
     ROOT,
     assert_same_weights,
@@ -86,10 +87,11 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_default_run_shortened_reports_loss_perplexity_tokens_and_a_sample(tmp_path):
-    """`accelerate launch recipes/lm.py` as README runs it, with fewer tokens: the embedded stdlib corpus."""
+    """`accelerate launch recipes/lm.py` as README runs it, with fewer tokens: the embedded stdlib corpus.
+    W&B (offline files) gets the epoch's sample continuation as a table."""
     out = tmp_path / "run"
     result = _lm(["--output-dir", str(out), "--train-tokens", "40000", "--epochs", "1", "--block-size", "64",
-                  "--sample-tokens", "12", "--wandb-mode", "disabled"])
+                  "--sample-tokens", "12", "--wandb-mode", "offline"])
     assert "corpus: " in result.stdout and "Python files of the standard library" in result.stdout
     assert "an epoch trains on a fixed sample of 40,000 of them" in result.stdout  # 625 blocks of 64
     [row] = _rows(out)
@@ -99,6 +101,13 @@ def test_default_run_shortened_reports_loss_perplexity_tokens_and_a_sample(tmp_p
     assert f"{row['tokens_per_second']:.0f} tokens/s" in result.stdout
     assert "sample of the final weights" in result.stdout
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "gpt_config.json").is_file()
+    [run_file] = [read_run_file(p) for p in find_run_files(out / "wandb")]
+    [logged] = run_file.history_with("samples")
+    assert logged["_step"] == row["step"] and logged["samples"]["_type"] == "table-file"
+    table = json.loads((run_file.path.parent / "files" / logged["samples"]["path"]).read_text())
+    assert table["columns"] == ["epoch", "step", "prompt", "continuation"]
+    [[epoch, step, prompt, text]] = table["data"]
+    assert (epoch, step) == (1, row["step"]) and prompt and text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -103,6 +103,9 @@ class NullTracker:
     def log_evaluation(self, row: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> None:
         pass
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        pass
+
     def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
         pass
 
@@ -348,6 +351,18 @@ class WandbTracker:
             matrix = row["val_confusion_matrix"]
             self._guard("confusion matrix", lambda: self._log_matrix(matrix, "eval/confusion_matrix",
                                                                      "Confusion matrix"))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        """A W&B table (a recipe's extra output, e.g. sampled text), logged under `key` at `step`.
+        A table is logged whole each time, so pass every row so far: W&B shows the latest version."""
+        if self._run is None:
+            return
+        if step is not None and step < self._last_step:
+            return  # W&B already holds a later step (a restart): steps must only grow
+        table = lambda: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])  # noqa: E731
+        self._guard(f"table {key}", lambda: self._run.log({key: table()}, step=step))
+        if step is not None:
+            self._last_step = step
 
     def finish(self, history: list[Mapping[str, Any]], exit_code: int = 0) -> None:
         if self._run is None:
