@@ -3,6 +3,7 @@
     python bench/scale.py                      # this checkout
     python bench/scale.py --code /work/main    # another checkout (e.g. before a change), same script
     python bench/scale.py --worlds 1 2 --json out.json
+    python bench/scale.py --streaming          # the same with a --streaming loader (each rank's position)
 
 Every Python-level torch.distributed call is counted (bench/scale_worker.py), with what each rank receives in
 it, and sha256 over checkpoint files; save and resume times are rank 0's wall clock. Over gloo on a few CPU
@@ -23,13 +24,33 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "bench" / "scale_worker.py"
 
 
-def run_world(world: int, code: Path, classes: int, steps: int, save_every: int) -> list[dict]:
+def write_shards(root: Path, rows: int, classes: int, shards: int = 8) -> None:
+    """Parquet shards for --streaming: `rows` training rows of 32 features in `shards` files, a validation split."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n, files in (("train", rows, shards), ("validation", 64, 1)):
+        (root / split).mkdir(parents=True)
+        for s in range(files):
+            x = rng.normal(size=(n // files, 32))
+            columns = {f"f{i:02d}": x[:, i] for i in range(32)}
+            datasets.Dataset.from_dict({**columns, "label": rng.integers(0, classes, n // files)}).to_parquet(
+                str(root / split / f"part-{s:03d}.parquet"))
+
+
+def run_world(world: int, code: Path, classes: int, steps: int, save_every: int,
+              streaming: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        if streaming:  # 8 per batch, `steps` batches per rank, 8 shards: any world size up to 8 splits them evenly
+            write_shards(Path(tmp) / "shards", steps * 8 * world, classes)
+            extra = ["--streaming", str(Path(tmp) / "shards")]
         env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--num_processes", str(world),
                "--main_process_port", str(29600 + world), str(WORKER), "--out", tmp, "--classes", str(classes),
-               "--steps", str(steps), "--save-every", str(save_every)]
+               "--steps", str(steps), "--save-every", str(save_every), *extra]
         proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise SystemExit(f"world {world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -84,9 +105,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--json", type=Path, help="also write the raw summaries here")
+    p.add_argument("--streaming", action="store_true", help="train with a --streaming loader over parquet shards")
     args = p.parse_args()
-    results = [summarize(run_world(w, args.code.resolve(), args.classes, args.steps, args.save_every))
-               for w in args.worlds]
+    results = [summarize(run_world(w, args.code.resolve(), args.classes, args.steps, args.save_every,
+                                   args.streaming)) for w in args.worlds]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(table(results))

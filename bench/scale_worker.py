@@ -130,8 +130,25 @@ def build(seed: int, samples: int, features: int, classes: int):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3), train, val
 
 
+def build_streaming(seed: int, shards: Path, classes: int):
+    """The same model, with a --streaming loader over parquet shards (each rank keeps its own position)."""
+    from accelerate.utils import set_seed
+
+    from launcher.data import make_loader
+    from launcher.data.streaming import load_stream_splits
+
+    set_seed(seed)
+    splits = load_stream_splits(str(shards), seed=seed, buffer=64)
+    model = torch.nn.Sequential(torch.nn.Linear(splits.input_shape[0], 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, classes))
+    train = make_loader(splits.train, 8, shuffle=True, seed=seed)
+    val = make_loader(splits.val, 32, shuffle=False, seed=seed)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), train, val
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--streaming", type=Path, help="parquet shards (train/, validation/): a --streaming loader")
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of the training epoch")
@@ -158,11 +175,13 @@ def main() -> None:
     samples = args.steps * 8 * world
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        model, opt, train, val = build(0, samples, 32, args.classes)
+        make = ((lambda: build_streaming(0, args.streaming, args.classes)) if args.streaming else
+                (lambda: build(0, samples, 32, args.classes)))
+        model, opt, train, val = make()
         fit(model, opt, train, val, torch.nn.CrossEntropyLoss(), epochs=1, num_classes=args.classes,
             accelerator=accelerator, progress=False, log_every=10**9,
             checkpointing=Checkpointing(out, save_every_steps=args.save_every, keep_last=2))
-        model, opt, train, val = build(0, samples, 32, args.classes)
+        model, opt, train, val = make()
         with probe.in_phase("resume_choose"):
             # A mid-epoch checkpoint: it carries the partial-epoch statistics and every rank's RNG.
             chosen = choose_checkpoint(str(out / "checkpoints" / f"step-{args.steps - args.save_every:08d}"), out)

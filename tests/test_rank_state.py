@@ -4,6 +4,7 @@ import torch
 
 from launcher.checkpoint.rank_state import (
     STATS_REDUCED,
+    read_rank_file,
     read_rank_rng,
     read_stats,
     reduce_with_flags,
@@ -41,3 +42,18 @@ def test_each_rank_reads_its_own_rng_file_and_the_older_layout(tmp_path):
     old.mkdir()
     torch.save({"ranks": states[:2]}, old / "rng.pt")
     assert read_rank_rng(old, 1)["torch"].item() == 1 and read_rank_rng(old, 2) is None
+
+
+def test_each_rank_keeps_its_loader_position_in_its_own_file(tmp_path):
+    """A stream's position (its state_dict: ints, strings, lists) comes back from that rank's file alone,
+    through the weights-only loader; files without one (any other loader, older checkpoints) say None."""
+    positions = [{"epoch": 1, "consumed": {"0": 8 * r, "1": 16}, "done": False, "world_size": 2,
+                  "position": [r, 3]} for r in range(2)]
+    for rank, position in enumerate(positions):
+        write_rank_rng(tmp_path, rank, {"torch": torch.tensor([rank], dtype=torch.uint8)}, None, position)
+    (tmp_path / rng_file(1)).rename(tmp_path / "moved")  # rank 0 must not need rank 1's file
+    assert read_rank_file(tmp_path, 0).loader == positions[0]
+    (tmp_path / "moved").rename(tmp_path / rng_file(1))
+    assert read_rank_file(tmp_path, 1).loader == positions[1]
+    write_rank_rng(tmp_path, 2, {"torch": torch.tensor([2], dtype=torch.uint8)})
+    assert read_rank_file(tmp_path, 2).loader is None

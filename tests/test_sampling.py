@@ -5,15 +5,20 @@ import pickle
 import pytest
 import torch
 
-from launcher.data.sampling import ElasticBatchSampler, EpochIndices, epoch_order, share
+from launcher.data import sampling
+from launcher.data.sampling import RANDPERM_LIMIT, ElasticBatchSampler, EpochIndices, EpochOrder, epoch_order, share
+
+# Both orders: torch.randperm (every dataset below RANDPERM_LIMIT samples) and the keyed bijection (at and
+# above it; a limit of 0 makes every dataset use it).
+LIMITS = pytest.mark.parametrize("limit", [RANDPERM_LIMIT, 0], ids=["randperm", "bijection"])
 
 
-def batches(n, batch_size, world, *, epoch=0, start=0, seed=0, shuffle=True, drop_last=False):
+def batches(n, batch_size, world, *, epoch=0, start=0, seed=0, shuffle=True, drop_last=False, limit=RANDPERM_LIMIT):
     """Every rank's batches, as lists: result[rank][k] is rank's share of global batch k."""
     out = []
     for rank in range(world):
         sampler = ElasticBatchSampler(n, batch_size, rank=rank, world_size=world, seed=seed, shuffle=shuffle,
-                                      drop_last=drop_last)
+                                      drop_last=drop_last, randperm_limit=limit)
         sampler.set_epoch(epoch, start=start)
         got = [list(b) for b in sampler]
         assert len(got) == len(sampler)
@@ -26,10 +31,11 @@ def global_order(per_rank):
     return [i for k in range(len(per_rank[0])) for rank in per_rank for i in rank[k]]
 
 
+@LIMITS
 @pytest.mark.parametrize("n,batch_size,world", [(100, 8, 1), (100, 8, 3), (97, 16, 3), (7, 4, 4), (64, 8, 2)])
-def test_each_epoch_is_the_permutation_of_seed_and_epoch_at_any_world_size(n, batch_size, world):
-    order = epoch_order(n, seed=5, epoch=2).tolist()
-    per_rank = batches(n, batch_size, world, epoch=2, seed=5)
+def test_each_epoch_is_the_permutation_of_seed_and_epoch_at_any_world_size(n, batch_size, world, limit):
+    order = epoch_order(n, seed=5, epoch=2, randperm_limit=limit).tolist()
+    per_rank = batches(n, batch_size, world, epoch=2, seed=5, limit=limit)
     assert global_order(per_rank) == order
     assert sorted(order) == list(range(n))
     assert len({len(r) for r in per_rank}) == 1, "every rank yields the same number of batches"
@@ -42,16 +48,19 @@ def test_orders_differ_between_epochs_and_seeds_and_none_without_shuffle():
     assert global_order(batches(50, 4, 3, shuffle=False)) == list(range(50))
 
 
+@LIMITS
 @pytest.mark.parametrize("old_world,new_world", [(2, 3), (3, 2), (2, 1), (1, 4)])
-def test_resume_at_a_global_position_on_another_world_size_sees_every_sample_once(old_world, new_world):
+def test_resume_at_a_global_position_on_another_world_size_sees_every_sample_once(old_world, new_world, limit,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(sampling, "CHUNK", 40)  # the bijection's chunks end inside the epoch, 2 batches each
     n, batch_size = 359, 17
-    before = batches(n, batch_size, old_world, epoch=1)
+    before = batches(n, batch_size, old_world, epoch=1, limit=limit)
     steps_done = 3
     consumed = global_order([r[:steps_done] for r in before])
     start = len(consumed)
-    after = global_order(batches(n, batch_size, new_world, epoch=1, start=start))
+    after = global_order(batches(n, batch_size, new_world, epoch=1, start=start, limit=limit))
     assert sorted(consumed + after) == list(range(n))
-    assert consumed + after == epoch_order(n, 0, 1).tolist()
+    assert consumed + after == epoch_order(n, 0, 1, randperm_limit=limit).tolist()
 
 
 def test_a_full_global_batch_gives_every_rank_the_batch_size():
@@ -155,3 +164,52 @@ def test_evaluation_loaders_skip_empty_shares_training_loaders_keep_them():
         assert [list(b) for b in evaluation] == expected and len(evaluation) == len(expected)
         assert len(train) == len(list(train)) == 2
         assert sum(len(b) for b in train) == sum(len(b) for b in evaluation)
+
+
+def test_below_the_limit_the_order_is_randperm_byte_for_byte():
+    """Every dataset under RANDPERM_LIMIT samples keeps the order it always had."""
+    for n, seed, epoch in ((240, 0, 1), (1000, 3, 0), (5, 7, 9)):
+        generator = torch.Generator().manual_seed(sampling.epoch_seed(seed, epoch))
+        assert torch.equal(epoch_order(n, seed, epoch), torch.randperm(n, generator=generator))
+        assert global_order(batches(n, 16, 3, epoch=epoch, seed=seed)) == epoch_order(n, seed, epoch).tolist()
+    assert EpochOrder(RANDPERM_LIMIT - 1, 0, 0, randperm_limit=RANDPERM_LIMIT).perm is not None
+    big = EpochOrder(RANDPERM_LIMIT, 0, 0)  # at the limit: nothing materialized, each position on demand
+    assert big.perm is None and big[torch.tensor([0, RANDPERM_LIMIT - 1])].tolist() != [0, RANDPERM_LIMIT - 1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 63, 64, 65, 1000, 4097, 65537])
+def test_the_bijection_is_a_permutation_whose_pieces_agree_with_the_whole(n):
+    order = EpochOrder(n, seed=3, epoch=1, randperm_limit=0)
+    whole = order[:]
+    assert sorted(whole.tolist()) == list(range(n))
+    picked = torch.tensor([i for i in (n - 1, 0, n // 3) if 0 <= i < n], dtype=torch.int64)
+    assert torch.equal(order[picked], whole[picked])  # a rank computing only its positions gets the same
+    assert torch.equal(order[n // 4: n // 2], whole[n // 4: n // 2])
+
+
+def test_the_bijection_shuffles_like_randperm():
+    """No visible structure, on a large domain and on the small ones where a weak few-bit shuffle shows it:
+    the sample at a position is uncorrelated with the position and with the sample at the next position,
+    neighbouring positions hold samples from all over the dataset, and over many epochs every sample lands
+    at every position about equally often (chi-square against the uniform)."""
+    n = 20_000
+    order = epoch_order(n, seed=0, epoch=0, randperm_limit=0).double()
+    positions = torch.arange(n, dtype=torch.float64)
+    assert abs(torch.corrcoef(torch.stack([positions, order]))[0, 1].item()) < 0.03
+    assert abs(torch.corrcoef(torch.stack([order[:-1], order[1:]]))[0, 1].item()) < 0.03
+    assert order[:256].min() < n * 0.05 and order[:256].max() > n * 0.95  # a batch spans the dataset
+    assert (order[1:] - order[:-1]).abs().median() > n / 5  # neighbours are far apart, as in a random order
+    for small, epochs in ((240, 400), (64, 1000)):
+        orders = torch.stack([epoch_order(small, seed=0, epoch=e, randperm_limit=0) for e in range(epochs)])
+        lag = torch.stack([torch.corrcoef(torch.stack([o[:-1], o[1:]]).double())[0, 1] for o in orders])
+        # randperm's own: mean -1/(n-1), spread 1/sqrt(n*epochs); 3 Feistel rounds miss this by over 10 spreads
+        assert abs(lag.mean().item() + 1 / (small - 1)) < 4 / (small * epochs) ** 0.5
+        adjacent = ((orders[:, 1:] - orders[:, :-1]).abs() == 1).sum().item() / epochs
+        assert adjacent < 2 * 2 * (small - 1) / small  # neighbouring ids side by side: ~2 per epoch at random
+        counts = torch.zeros(small, small)
+        counts.index_put_((torch.arange(small).repeat(epochs), orders.reshape(-1)), torch.ones(small * epochs),
+                          accumulate=True)
+        expected = epochs / small
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        dof = (small - 1) ** 2
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5  # 5 sigma above the mean of the chi-square distribution

@@ -115,6 +115,7 @@ class LoadedCheckpoint:
     state: TrainerState
     rng: dict | None  # this rank's
     stats: dict | None  # this rank's partial-epoch statistics
+    loader: dict | None = None  # this rank's loader position (a stream's state_dict), from its own file
 
 
 def _torch_load(path: Path, **kw: Any) -> Any:
@@ -159,13 +160,13 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, sched
         _check_same_keys("scaler.pt", scaler.state_dict(), scaler_state)
     state, stats = trainer_state_of(path, rank)
     try:
-        rng, own_stats, kept = read_rank_file(path, rank, load=_torch_load)  # this rank's file only
+        own = read_rank_file(path, rank, load=_torch_load)  # this rank's file only
     except (KeyError, TypeError, AttributeError) as err:
         raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
-    if kept:  # this rank's own sums, as it had them: the same world size resumes bit-identical
-        stats = own_stats
+    if own.kept:  # this rank's own sums, as it had them: the same world size resumes bit-identical
+        stats = own.stats
     return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
-                            scaler=scaler_state, state=state, rng=rng, stats=stats)
+                            scaler=scaler_state, state=state, rng=own.rng, stats=stats, loader=own.loader)
 
 
 def trainer_state_of(path: Path, rank: int) -> tuple[TrainerState, dict | None]:

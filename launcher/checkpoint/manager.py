@@ -1,6 +1,7 @@
 """`CheckpointManager`: every rank saves together, rank 0 writes atomically; rotation, `best`, stale temp folders.
 
-A save costs every rank O(1) at any world size and two collectives: each rank writes its own RNG file into
+A save costs every rank O(1) at any world size and two collectives: each rank writes its own file (RNG,
+statistics, a stream's position) into
 the temp folder, one all-reduce sums the training statistics (and each rank's health flags: its RNG file
 written, the caller's checks), rank 0 writes the shared files and commits, and `agree` (one all-reduce of one
 number) tells every rank the outcome. No rank receives another rank's state.
@@ -55,7 +56,7 @@ class CheckpointManager:
     def save(self, state: TrainerState, *, model_state: dict[str, torch.Tensor], optimizer: Any,
              scheduler: Any = None, scaler: Any = None, best: bool = False,
              failure: RunStopped | None = None, flags: Sequence[float] = (),
-             check: Callable[[list[float]], None] | None = None) -> Path:
+             check: Callable[[list[float]], None] | None = None, loader_state: dict | None = None) -> Path:
         """Write one complete checkpoint (and point `best` at it). Every rank calls this; returns the folder.
 
         `failure`: an earlier write of this rank that failed (e.g. the metrics line); it is reported with
@@ -63,10 +64,12 @@ class CheckpointManager:
         `flags`, `check`: numbers of this rank (e.g. 1.0 for 'my weights are not finite') summed over the ranks
         in the save's one reduction; `check(sums)` runs on every rank before anything is committed and may
         raise to abandon the save (the temp folder is removed).
+        `loader_state`: this rank's loader position (a stream's state_dict), kept in this rank's own file.
         """
         final = self.root / checkpoint_name(state.global_step)
         tmp = self._tmp(final)
-        mine = self._write_own_rng(tmp, final, state.train_stats)  # before the reduction below: rank 0 commits after it
+        # Before the reduction below: rank 0 commits after it.
+        mine = self._write_own_rng(tmp, final, state.train_stats, loader_state)
         stats, sums = reduce_with_flags(state.train_stats, [float(mine is not None), *flags])
         if check is not None:
             try:
@@ -84,12 +87,14 @@ class CheckpointManager:
         agree(failure)  # nobody goes on (or exits) before the checkpoint is complete on disk, or all stop
         return final
 
-    def _write_own_rng(self, tmp: Path, final: Path, stats: dict | None) -> RunStopped | None:
-        """This rank's RNG states into the shared temp folder (every rank creates it: no collective before)."""
+    def _write_own_rng(self, tmp: Path, final: Path, stats: dict | None,
+                       loader_state: dict | None) -> RunStopped | None:
+        """This rank's own file (RNG states, statistics, loader position) into the shared temp folder (every
+        rank creates it: no collective before)."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            write_rank_rng(tmp, rank, capture_rng(), stats)
+            write_rank_rng(tmp, rank, capture_rng(), stats, loader_state)
         except Exception as err:  # noqa: BLE001 - torch.save raises non-OSError types on a full disk
             return write_failed(err, self.root, f"checkpoint {final.name} (rank {rank}'s {rng_file(rank)})")
         return None

@@ -2,6 +2,10 @@
 
 - RNG: every rank writes its own small file (`rng.pt` for rank 0, `rng-00001.pt`, ...) into the checkpoint's
   temp folder before rank 0 commits, and reads only its own on resume. No rank receives another's state.
+- The position of a loader that keeps its own (a stream's `state_dict()`, e.g. launcher.data.streaming): in
+  the same file, so it costs no collective and no rank reads another's. It is only meaningful to the rank that
+  wrote it at the same world size (older checkpoints kept every rank's in trainer_state.json's
+  `extra.loader_states`, which a resume still reads).
 - Training statistics of the epoch in progress: they are only ever summed (the epoch's one all-reduce), so
   the checkpoint stores their sum, made by one all-reduce; on resume rank 0 starts from the sum and every other
   rank from zero, which sums to the same epoch totals at any world size. The statistics are an opaque dict of
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,15 +35,20 @@ def rng_file(rank: int) -> str:
     return RNG_FILE if rank == 0 else f"rng-{rank:05d}.pt"
 
 
-def write_rank_rng(folder: Path, rank: int, state: dict, stats: dict | None = None) -> Path:
-    """This rank's RNG states and its own partial-epoch statistics, durably, into `folder` (the checkpoint's
-    temp folder). The statistics are kept per rank as well as summed: a resume on the same world size
-    restores each rank's own sums, so the epoch's totals are added in the same order as without the
-    interruption (bit-identical; the float sum of a sum is not)."""
+def write_rank_rng(folder: Path, rank: int, state: dict, stats: dict | None = None,
+                   loader: dict | None = None) -> Path:
+    """This rank's RNG states, its own partial-epoch statistics and its loader's position (`loader`, when
+    the loader keeps one), durably, into `folder` (the checkpoint's temp folder). The statistics are kept per
+    rank as well as summed: a resume on the same world size restores each rank's own sums, so the epoch's
+    totals are added in the same order as without the interruption (bit-identical; the float sum of a sum is
+    not)."""
     from launcher.checkpoint.files import _fsync_path
 
     path = folder / rng_file(rank)
-    torch.save({"rank": rank, "state": state, "stats": stats}, path)
+    saved = {"rank": rank, "state": state, "stats": stats}
+    if loader is not None:
+        saved["loader"] = loader
+    torch.save(saved, path)
     _fsync_path(path)
     return path
 
@@ -49,19 +58,27 @@ def read_rank_rng(folder: Path, rank: int, load: Any = None) -> dict | None:
     return read_rank_file(folder, rank, load)[0]
 
 
-def read_rank_file(folder: Path, rank: int, load: Any = None) -> tuple[dict | None, dict | None, bool]:
-    """(`rank`'s RNG states, its own partial-epoch statistics, whether the file holds them) from a
-    checkpoint; reads only its own file. Files written before the statistics were kept per rank say False."""
+class RankFile(NamedTuple):
+    """What one rank's own file of a checkpoint holds."""
+
+    rng: dict | None  # None: a rank this checkpoint did not have
+    stats: dict | None  # its own partial-epoch statistics
+    kept: bool  # whether the file holds them (False in files written before they were kept per rank)
+    loader: dict | None = None  # its loader's position, when the loader keeps one
+
+
+def read_rank_file(folder: Path, rank: int, load: Any = None) -> RankFile:
+    """`rank`'s own file of a checkpoint (RNG states, statistics, loader position); reads only that file."""
     load = load or (lambda p: torch.load(p, weights_only=True))
     own = folder / rng_file(rank)
     # No file of its own: a rank this checkpoint did not have, or the older layout (rank 0's file held all).
     saved = load(own if own.is_file() else folder / RNG_FILE)
     if "ranks" in saved:  # the older layout: every rank's states in rank 0's file
         ranks = saved["ranks"]
-        return (ranks[rank] if rank < len(ranks) else None), None, False
+        return RankFile((ranks[rank] if rank < len(ranks) else None), None, False)
     if saved.get("rank") != rank:
-        return None, None, False
-    return saved["state"], saved.get("stats"), "stats" in saved
+        return RankFile(None, None, False)
+    return RankFile(saved["state"], saved.get("stats"), "stats" in saved, saved.get("loader"))
 
 
 def _flat(stats: dict | None, keys: list[str]) -> torch.Tensor:

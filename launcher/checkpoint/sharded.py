@@ -111,7 +111,7 @@ def _barrier() -> None:
 
 def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torch.nn.Module, optimizer: Any,
                  scheduler: Any = None, scaler: Any = None, best: bool = False,
-                 failure: RunStopped | None = None) -> Path:
+                 failure: RunStopped | None = None, loader_state: dict | None = None) -> Path:
     """Write one complete sharded checkpoint (and point `best` at it). Every rank calls this.
 
     The same promises as CheckpointManager.save: a failed write (any rank) raises WriteFailed on every rank
@@ -140,8 +140,8 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
         shards = {"model": dcp.state_dict.get_model_state_dict(model),
                   "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
         dcp.save(shards, checkpoint_id=tmp / DCP_DIR)  # FileSystemWriter fsyncs every file it writes
-        # each rank its own file (RNG and its own sums); committed after the next agree
-        write_rank_rng(tmp, _rank(), capture_rng(), state.train_stats)
+        # each rank its own file (RNG, its own sums, its loader's position); committed after the next agree
+        write_rank_rng(tmp, _rank(), capture_rng(), state.train_stats, loader_state)
         if os.environ.get(FAULT_ENV) == str(state.global_step) and _rank() == _world() - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: one rank dies with its shards written
         if manager.is_main:
@@ -226,11 +226,12 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None, scaler: Any = None,
-                 rank: int = 0, verify: bool = True) -> tuple[TrainerState, dict | None, dict | None]:
+                 rank: int = 0, verify: bool = True
+                 ) -> tuple[TrainerState, dict | None, dict | None, dict | None]:
     """Load a sharded checkpoint into the prepared model (FSDP or plain) and its optimizer.
 
-    Every rank calls this; DCP reads the slices each rank needs, whatever world size wrote them. Returns what
-    launcher.checkpoint.load_checkpoint returns: the trainer state, this rank's RNG state and statistics.
+    Every rank calls this; DCP reads the slices each rank needs, whatever world size wrote them. Returns the
+    trainer state, this rank's RNG state, its statistics and its loader position (None without one).
     """
     if verify:  # False: rank 0 checked the manifest already (launcher.loop.resume)
         validate(path)
@@ -246,8 +247,9 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, schedule
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     state, stats = trainer_state_of(path, rank)
-    rng, own_stats, kept = read_rank_file(path, rank)
-    return state, rng, (own_stats if kept else stats)  # own sums: the same world size resumes bit-identical
+    own = read_rank_file(path, rank)
+    # own sums: the same world size resumes bit-identical
+    return state, own.rng, (own.stats if own.kept else stats), own.loader
 
 
 def check_resume_format(path: Path, *, sharded_run: bool) -> None:

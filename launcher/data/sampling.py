@@ -3,7 +3,10 @@
 Resume is exact at any world size and worker count because nothing here depends on who loads a sample:
 
 - the order of epoch e is one permutation of the whole dataset drawn from (seed, e) alone, the same on
-  every rank and at every world size;
+  every rank and at every world size: `torch.randperm` below `RANDPERM_LIMIT` samples (every rank draws the
+  whole of it: O(dataset) per rank and epoch, fine at that size), and at or above it a keyed bijection
+  (`EpochOrder`) that each rank evaluates only at its own positions, a chunk at a time: O(its share) time and
+  O(chunk) memory per rank, nothing at the epoch's start;
 - the position inside an epoch is the number of samples consumed globally (`TrainerState.samples_done`);
 - global batch k from position `start` is `order[start + k*G : start + (k+1)*G]` with G = batch size per
   process x world size, and rank r takes its contiguous slice of it. Nothing is padded with repeated
@@ -22,6 +25,7 @@ import json
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -30,6 +34,12 @@ RECORD_ENV = "LAUNCHER_TEST_RECORD_SAMPLES"
 
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads consecutive epochs over the seed space
 _MASK = (1 << 63) - 1
+_M64 = (1 << 64) - 1
+
+# Below this many samples the order is torch.randperm, exactly as it always was (every small dataset's order
+# unchanged, byte for byte); at or above it, the keyed bijection. 2**24 samples: a 128 MB permutation per rank.
+RANDPERM_LIMIT = 1 << 24
+CHUNK = 1 << 16  # positions of a rank's share whose samples the bijection computes at once
 
 
 class EpochIndices(list):
@@ -58,12 +68,84 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * _MIX + int(epoch) * 0xBF58476D1CE4E5B9 + 1) & _MASK
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """The order of the whole dataset in epoch `epoch` (int64), identical on every rank and world size."""
-    if not shuffle:
-        return torch.arange(num_samples, dtype=torch.int64)
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    return torch.randperm(num_samples, generator=generator)
+def _splitmix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int (the round keys)."""
+    x = (x + _MIX) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic, the same on every platform)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class EpochOrder:
+    """The order of epoch `epoch` as a function: `order[positions]` is the sample at those positions.
+
+    Below `randperm_limit` samples it is `torch.randperm` drawn from (seed, epoch), materialized (exactly the
+    order this launcher always used). At or above it, a keyed bijection of [0, n), evaluated only at the
+    positions asked for: a balanced Feistel network over the smallest power of four >= n (so the domain is
+    under 4n), `ROUNDS` rounds whose round function is splitmix64 of (half-word xor a round key), the keys
+    drawn from (seed, epoch, round) by splitmix64; a value that lands outside [0, n) is permuted again until
+    it lands inside (cycle walking, a bijection of [0, n); under 4 passes on average). splitmix64 mixes every
+    input bit into every output bit, so already 4 rounds are a strong pseudo-random permutation (Luby-Rackoff);
+    6 leave a margin. Nothing in it depends on the rank or the world size.
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, num_samples: int, seed: int, epoch: int, shuffle: bool = True,
+                 randperm_limit: int = RANDPERM_LIMIT) -> None:
+        self.num_samples, self.shuffle = int(num_samples), bool(shuffle)
+        self.perm: torch.Tensor | None = None
+        if not self.shuffle:
+            return
+        key = epoch_seed(seed, epoch)
+        if self.num_samples < randperm_limit:
+            self.perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(key))
+            return
+        if self.num_samples > 1 << 62:
+            raise ValueError(f"an epoch of {self.num_samples} samples is beyond 2**62")
+        self.half = max(1, ((self.num_samples - 1).bit_length() + 1) // 2)
+        epoch_key = _splitmix64(key)
+        self.keys = [_splitmix64(epoch_key ^ ((r + 1) * 0xD1B54A32D192ED03 & _M64)) for r in range(self.ROUNDS)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        """One bijection of [0, 4**half) on uint64 arrays."""
+        half = np.uint64(self.half)
+        mask = np.uint64((1 << self.half) - 1)
+        left, right = x >> half, x & mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right ^ np.uint64(key)) & mask)
+        return (left << half) | right
+
+    def __getitem__(self, positions: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(positions, slice):
+            lo, hi, _ = positions.indices(self.num_samples)
+            positions = torch.arange(lo, max(lo, hi), dtype=torch.int64)
+        if not self.shuffle:
+            return positions.clone()
+        if self.perm is not None:
+            return self.perm[positions]
+        out = self._feistel(positions.numpy().astype(np.uint64))
+        n = np.uint64(self.num_samples)
+        outside = np.flatnonzero(out >= n)
+        while outside.size:  # cycle walking: from a bijection of the larger domain, one of [0, n)
+            out[outside] = self._feistel(out[outside])
+            outside = outside[out[outside] >= n]
+        return torch.from_numpy(out.astype(np.int64))
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True,
+                randperm_limit: int = RANDPERM_LIMIT) -> torch.Tensor:
+    """The order of the whole dataset in epoch `epoch` (int64), identical on every rank and world size
+    (the whole of `EpochOrder`: for tests and tools; the sampler computes only its own share)."""
+    order = EpochOrder(num_samples, seed, epoch, shuffle, randperm_limit)
+    return order.perm if order.perm is not None else order[:]
 
 
 def share(global_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -87,7 +169,8 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, skip_empty: bool = False) -> None:
+                 shuffle: bool = True, drop_last: bool = False, skip_empty: bool = False,
+                 randperm_limit: int = RANDPERM_LIMIT) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
         if not 0 <= rank < world_size:
@@ -97,6 +180,7 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
         self.skip_empty = bool(skip_empty)
+        self.randperm_limit = int(randperm_limit)
         self.epoch, self.start = 0, 0
         record = os.environ.get(RECORD_ENV)
         self._record = f"{record}.rank{self.rank}" if record else None
@@ -133,21 +217,47 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         g, end = self.global_batch_size, self.end
         return [min(g, end - lo) for lo in range(self.start, end, g)]
 
-    def __iter__(self) -> Iterator[EpochIndices]:
-        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
-        g, end, epoch = self.global_batch_size, self.end, self.epoch
+    def _slices(self) -> Iterator[tuple[int, int, int]]:
+        """(global position, first position of this rank's slice, its length) of each global batch from start."""
+        g, end = self.global_batch_size, self.end
         full = self.rank * self.batch_size  # offset inside a full global batch
         for lo in range(self.start, end, g):
             size = min(g, end - lo)
             offset, length = (full, self.batch_size) if size == g else share(size, self.rank, self.world_size)
-            if not length and self.skip_empty:
-                continue
+            if length or not self.skip_empty:
+                yield lo, lo + offset, length
+
+    def __iter__(self) -> Iterator[EpochIndices]:
+        order = EpochOrder(self.num_samples, self.seed, self.epoch, self.shuffle, self.randperm_limit)
+        if order.perm is None and self.shuffle:
+            yield from self._iter_lazily(order)
+            return
+        whole = order.perm if order.perm is not None else torch.arange(self.num_samples, dtype=torch.int64)
+        for lo, at, length in self._slices():
             # One tensor slice and one tolist() per batch: no Python int passes through a sampler one by one.
-            indices = order[lo + offset: lo + offset + length]
-            batch = EpochIndices(indices.tolist(), epoch, indices)
-            if self._record:
-                self._write_record(lo, batch)
-            yield batch
+            yield self._batch(lo, whole[at: at + length])
+
+    def _iter_lazily(self, order: EpochOrder) -> Iterator[EpochIndices]:
+        """The bijection evaluated at this rank's positions, `CHUNK` of them at a time (a vectorized call per
+        chunk, a slice per batch)."""
+        per_chunk = max(1, CHUNK // self.batch_size)
+        slices = self._slices()
+        while chunk := [s for _, s in zip(range(per_chunk), slices)]:
+            lengths = torch.tensor([length for _, _, length in chunk], dtype=torch.int64)
+            starts = torch.tensor([at for _, at, _ in chunk], dtype=torch.int64)
+            first = torch.cumsum(lengths, 0) - lengths  # where each slice begins in the chunk
+            positions = torch.arange(int(lengths.sum()), dtype=torch.int64)
+            positions += torch.repeat_interleave(starts - first, lengths)
+            mine, at = order[positions], 0
+            for lo, _, length in chunk:
+                yield self._batch(lo, mine[at: at + length])
+                at += length
+
+    def _batch(self, position: int, indices: torch.Tensor) -> EpochIndices:
+        batch = EpochIndices(indices.tolist(), self.epoch, indices)
+        if self._record:
+            self._write_record(position, batch)
+        return batch
 
     def _write_record(self, position: int, batch: EpochIndices) -> None:
         with open(self._record, "a") as f:

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import gather_object
 
 from launcher.checkpoint import checkpoint_name, plain_state_dict, save_weights, write_json_atomic, write_text_atomic
 from launcher.checkpoint.sharded import full_model_state, is_sharded_model, save_sharded
@@ -98,8 +97,9 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | N
     state.reason = reason
     if best:
         state.best_checkpoint = checkpoint_name(state.global_step)
-    if run.stateful_loader is not None:  # a collective: every rank calls _save
-        state.extra["loader_states"] = gather_object([run.stateful_loader.state_dict()])
+    # Each rank's own stream position goes into its own file of the checkpoint: no collective, no rank
+    # receives another's (launcher.checkpoint.rank_state).
+    loader_state = run.stateful_loader.state_dict() if run.stateful_loader is not None else None
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     if is_sharded_model(run.model):  # every rank writes its own shards (launcher.checkpoint.sharded)
         if stats is not None:
@@ -108,11 +108,11 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | N
             check([1.0, 0.0])
         path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
                             optimizer=run.optimizer, scheduler=scheduler, scaler=acc.scaler,
-                            best=best, failure=run.write_failure)
+                            best=best, failure=run.write_failure, loader_state=loader_state)
     else:  # the checks ride on the save's one reduction
         path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
                                 scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure,
-                                flags=flags, check=check)
+                                flags=flags, check=check, loader_state=loader_state)
     run.last_checkpoint = path
     run.manager.rotate(protect=state.best_checkpoint)
     log_checkpoint = getattr(run.tracker, "log_checkpoint", None)  # optional in a user's own Tracker

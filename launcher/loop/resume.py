@@ -42,9 +42,9 @@ def _resume(run: FitRun, path: Path) -> None:
         error = first_error(error)  # DCP's load is collective: every rank must know before it starts
         if error is not None:
             raise UsageError(f"cannot resume from {path}: {error}")
-        state, rng, stats = load_sharded(path, model=acc.unwrap_model(run.model), optimizer=run.optimizer,
-                                         scheduler=scheduler, scaler=acc.scaler, rank=acc.process_index,
-                                         verify=False)
+        state, rng, stats, loader_state = load_sharded(
+            path, model=acc.unwrap_model(run.model), optimizer=run.optimizer, scheduler=scheduler,
+            scaler=acc.scaler, rank=acc.process_index, verify=False)
     else:
         targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
                    "scheduler": scheduler, "scaler": acc.scaler}
@@ -59,7 +59,7 @@ def _resume(run: FitRun, path: Path) -> None:
         if error is not None:
             raise UsageError(f"cannot resume from {path}: {error}")
         apply_checkpoint(loaded, **targets)
-        state, rng, stats = loaded.state, loaded.rng, loaded.stats
+        state, rng, stats, loader_state = loaded.state, loaded.rng, loaded.stats, loaded.loader
     sampler = run.train_sampler
     if sampler is not None and state.batches_done and not state.samples_done:
         # A checkpoint from before samples_done existed: its per-process position, counted globally. It was
@@ -79,13 +79,18 @@ def _resume(run: FitRun, path: Path) -> None:
                 state.epoch_seconds, state.train_seconds = 0.0, 0.0
                 stats = None
             rng = None
+    # Checkpoints written before the positions moved to each rank's own file kept every rank's here; read
+    # them, and drop them so later checkpoints do not carry a stale copy.
+    gathered = state.extra.pop("loader_states", None)
+    if loader_state is None and gathered and acc.process_index < len(gathered):
+        loader_state = gathered[acc.process_index]
     run.state = TrainerState(**{**state.__dict__, "world_size": acc.num_processes,
                                 "config": run.state.config or state.config,
                                 "extra": {**state.extra, **run.state.extra}})
     run.rng_to_restore, run.resumed_stats, run.resumed_from = rng, stats, path
-    loader_states = state.extra.get("loader_states")
-    if run.stateful_loader is not None and loader_states and state.world_size == acc.num_processes:
-        run.stateful_loader.load_state_dict(loader_states[acc.process_index])
+    if run.stateful_loader is not None and loader_state is not None and state.world_size == acc.num_processes:
+        # Another world size splits the stream differently: the interrupted epoch restarts (warned above).
+        run.stateful_loader.load_state_dict(loader_state)
     if rng is not None and (run.state.batches_done == 0 or sampler is not None):
         # The next epoch starts, or (an elastic loader, whose iterator draws nothing from the global RNG)
         # the epoch continues, exactly where the saved run was.

@@ -63,6 +63,6 @@ class FitRun:
     write_failure: RunStopped | None = None  # rank 0's failed metrics write, reported by the next save
     watchdog: NoWatchdog = NO_WATCHDOG  # ends the job when a rank stops making progress (launcher.faults.watchdog)
     # A training loader that keeps its own position (`resumes_itself = True`, state_dict/load_state_dict, e.g.
-    # launcher.data.streaming's): every rank's state is saved in the checkpoint's extra["loader_states"] and
-    # restored on resume at the same world size.
+    # launcher.data.streaming's): each rank's state is saved in its own file of the checkpoint and restored on
+    # resume at the same world size.
     stateful_loader: Any = None
