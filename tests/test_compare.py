@@ -169,3 +169,29 @@ def test_plot_legend_names_the_effective_batch_and_covers_no_point(tmp_path):
         for line in ax.get_lines():
             for x, y in ax.transData.transform(line.get_xydata()):
                 assert not box.contains(x, y), (line.get_label(), x, y)
+
+
+def test_runs_of_other_tasks_show_their_own_metrics_each_in_its_direction(tmp_path, capsys):
+    """A regression run and a language-model run: their metrics, best by their own direction, no accuracy."""
+    from launcher.tracking.compare import curves_figure, load_run
+
+    regression = make_run(tmp_path, "diabetes", [
+        {"epoch": e, "step": 5 * e, "train_loss": 1.0 / e, "val_loss": loss, "val_mae": mae, "val_rmse": mae * 1.2,
+         "val_r2": r2, "val_samples": 89, "epoch_seconds": 2.0, "samples_per_second": 100.0}
+        for e, loss, mae, r2 in ((1, 0.9, 60.0, 0.30), (2, 0.5, 45.0, 0.48), (3, 0.6, 47.0, 0.45))])
+    lm = make_run(tmp_path, "gpt", [
+        {"epoch": e, "step": 10 * e, "train_loss": loss + 0.1, "val_loss": loss, "val_perplexity": 2.718 ** loss,
+         "val_token_accuracy": acc, "val_tokens": 5000, "epoch_seconds": 3.0, "samples_per_second": 50.0,
+         "tokens_per_second": 6400.0} for e, loss, acc in ((1, 2.5, 0.30), (2, 2.1, 0.41))])
+    assert compare_main([str(regression), str(lm)]) == 0
+    table = parse_table(capsys.readouterr().out)
+    assert table["best val_r2"] == ["0.4800 (epoch 2)", "-"]  # higher is better
+    assert table["best val_mae"] == ["45.0000 (epoch 2)", "-"]  # lower is better
+    assert table["best val_perplexity"][1].endswith("(epoch 2)") and table["best val_perplexity"][0] == "-"
+    assert table["best val_token_accuracy"] == ["-", "0.4100 (epoch 2)"]
+    assert table["tokens/s (mean)"] == ["-", "6400"]
+    assert not any("accuracy" in title for title in table if "token" not in title)
+    assert "best val_samples" not in table and "best val_tokens" not in table  # counts are not metrics
+    fig = curves_figure([load_run(str(regression))])
+    assert fig.axes[1].get_title() == "validation mae"  # the first metric after the loss
+    assert [line.get_ydata().tolist() for line in fig.axes[1].get_lines()] == [[60.0, 45.0, 47.0]]

@@ -5,7 +5,8 @@ A sweep folder (one subfolder per task, as `launcher submit --sweep` writes) sta
 Reads each run's metrics.jsonl (one row per completed epoch) and config.json (the resolved config under
 "config" and the run facts under "run_info"), prints one column per run: the config values that differ
 between the runs, then epochs, best and final validation metrics and training time. `--plot FILE` writes
-the learning curves of all runs overlaid (loss and accuracy per epoch) as a PNG. Needs no W&B.
+the learning curves of all runs overlaid (loss, and the task's main metric: accuracy, r2, f1_micro,
+perplexity... per epoch) as a PNG. Works for every task: the metrics come from the rows. Needs no W&B.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from launcher.errors import UsageError
 
 # Keys that differ between any two runs without describing the experiment.
 IGNORED_KEYS = {"output_dir", "wandb_name"}
+# Per-split counts that rows carry beside the metrics; and the words of metric names that improve downward.
+COUNT_KEYS = {"val_samples", "val_tokens"}
+LOWER_IS_BETTER = {"loss", "perplexity", "mae", "mse", "rmse", "error"}
 
 
 @dataclass
@@ -151,23 +155,52 @@ def _final(rows: list[dict[str, Any]], key: str) -> str:
     return f"{rows[-1][key]:.4f}" if rows and _finite(rows[-1].get(key)) else "-"
 
 
-def result_rows(run: Run) -> list[tuple[str, str]]:
+def val_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The validation metrics the rows hold, in the order the run logged them (counts are not metrics)."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("val_") and key not in COUNT_KEYS and not isinstance(value, bool) \
+                    and isinstance(value, (int, float)):
+                keys[key] = None
+    return list(keys)
+
+
+def direction(run: Run, key: str) -> str:
+    """"min" or "max": the run's own --best-mode for its --best-metric, else what the name says."""
+    if run.settings.get("best_metric") == key and run.settings.get("best_mode") in ("min", "max"):
+        return run.settings["best_mode"]
+    words = key.removeprefix("val_").split("_")
+    return "min" if any(word in LOWER_IS_BETTER for word in words) else "max"
+
+
+def result_rows(run: Run, metrics: list[str], tokens: bool = False) -> list[tuple[str, str]]:
+    """The results column of one run: `metrics` are the validation metrics of all compared runs (a run
+    without one shows "-"), so that runs of different tasks line up; `tokens` adds the token rate."""
     rows = run.rows
     seconds = sum(r["epoch_seconds"] for r in rows if _finite(r.get("epoch_seconds")))
-    rates = [r["samples_per_second"] for r in rows if _finite(r.get("samples_per_second"))]
-    return [
-        ("epochs completed", str(rows[-1]["epoch"]) if rows else "0"),
-        ("steps", str(rows[-1].get("step", "-")) if rows else "-"),
-        ("best val_accuracy", _best(rows, "val_accuracy", "max")),
-        ("best val_loss", _best(rows, "val_loss", "min")),
-        ("best val_f1", _best(rows, "val_f1", "max")),
-        ("final val_accuracy", _final(rows, "val_accuracy")),
-        ("final val_loss", _final(rows, "val_loss")),
-        ("final val_f1", _final(rows, "val_f1")),
-        ("final train_loss", _final(rows, "train_loss")),
-        ("time (train+val)", format_seconds(seconds) if rows else "-"),
-        ("samples/s (mean)", f"{sum(rates) / len(rates):.0f}" if rates else "-"),
-    ]
+    out = [("epochs completed", str(rows[-1]["epoch"]) if rows else "0"),
+           ("steps", str(rows[-1].get("step", "-")) if rows else "-")]
+    out += [(f"best {key}", _best(rows, key, direction(run, key))) for key in metrics]
+    out += [(f"final {key}", _final(rows, key)) for key in metrics]
+    out += [("final train_loss", _final(rows, "train_loss")),
+            ("time (train+val)", format_seconds(seconds) if rows else "-")]
+    rates = [("samples_per_second", "samples/s (mean)")] + [("tokens_per_second", "tokens/s (mean)")] * tokens
+    for key, title in rates:
+        values = [r[key] for r in rows if _finite(r.get(key))]
+        out.append((title, f"{sum(values) / len(values):.0f}" if values else "-"))
+    return out
+
+
+def primary_metric(runs: list[Run]) -> str | None:
+    """The metric of the second plot panel: the first run's --best-metric where that is not the loss,
+    else the first validation metric other than the loss (accuracy, r2, f1_micro, perplexity...)."""
+    for run in runs:
+        chosen = run.settings.get("best_metric")
+        if chosen and chosen != "val_loss" and any(chosen in r for r in run.rows):
+            return chosen
+    others = [k for k in val_metrics([r for run in runs for r in run.rows]) if k != "val_loss"]
+    return others[0] if others else None
 
 
 def render_table(runs: list[Run]) -> str:
@@ -179,7 +212,9 @@ def render_table(runs: list[Run]) -> str:
         config_lines = [[k, *[format_value(r.settings[k]) if k in r.settings else "-" for r in runs]]
                         for k in keys]
         sections.append(("config (differing)" if keys else "config: no differences", config_lines))
-    results = [result_rows(r) for r in runs]
+    metrics = val_metrics([row for run in runs for row in run.rows])
+    tokens = any("tokens_per_second" in row for run in runs for row in run.rows)
+    results = [result_rows(r, metrics, tokens) for r in runs]
     sections.append(("results", [[name, *[res[i][1] for res in results]]
                                  for i, (name, _) in enumerate(results[0])]))
     rows_out: list[list[str] | str] = [lines[0]]
@@ -221,6 +256,7 @@ def curves_figure(runs: list[Run]) -> Any:
     import matplotlib.pyplot as plt
 
     keys = [k for k in differing_keys(runs) if k != "effective_batch_size"][:3]
+    metric = primary_metric(runs)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
@@ -230,12 +266,13 @@ def curves_figure(runs: list[Run]) -> Any:
         label = f"{run.label} ({', '.join(details)})" if details else run.label
         epochs = [r["epoch"] for r in run.rows]
         for key, style, ax, name in (("val_loss", "-", ax_loss, label), ("train_loss", "--", ax_loss, None),
-                                     ("val_accuracy", "-", ax_acc, None)):
+                                     (metric, "-", ax_acc, None)):
             points = [(e, r[key]) for e, r in zip(epochs, run.rows) if _finite(r.get(key))]
             if points:
                 ax.plot(*zip(*points), style, color=color, marker="o", markersize=3, label=name)
     ax_loss.set(title="loss (validation solid, training dashed)", xlabel="epoch", ylabel="loss")
-    ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
+    name = metric.removeprefix("val_") if metric else "no other metric"
+    ax_acc.set(title=f"validation {name}", xlabel="epoch", ylabel=name)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -247,7 +284,7 @@ def curves_figure(runs: list[Run]) -> Any:
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:
-    """Loss (validation solid, training dashed) and validation accuracy per epoch, one colour per run."""
+    """Loss (validation solid, training dashed) and the main validation metric per epoch, one colour per run."""
     import matplotlib.pyplot as plt
 
     fig = curves_figure(runs)
