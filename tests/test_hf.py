@@ -77,7 +77,7 @@ def test_trains_on_one_and_two_processes(trained):
         assert rows[-1]["val_samples"] == (60 if trained["kind"] == "text" else 359)
         assert (trained[nproc] / "final" / "hf" / "config.json").is_file()
     if trained["kind"] == "text":  # the checkpoint's 2-class head cannot take 3 classes: a notice, no traceback
-        assert "new classification head for 3 classes" in trained["log1"]
+        assert "new head for 3 classes" in trained["log1"]
         assert "classifier.weight" in trained["log1"] and "Traceback" not in trained["log1"]
 
 
@@ -212,3 +212,44 @@ def test_half_precision_checkpoint_loads_in_float32(tmp_path, dtype):
                            preprocessor=load_tokenizer(str(folder)))
     model = load_model(str(folder), data, notice=lambda _: None)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("problem", ["regression", "multi_label_classification"])
+def test_other_problem_types_round_trip_through_final_hf(assets, tmp_path, problem):
+    """An hf: text model on a float score or on lists of tags: transformers' problem_type (and, for a
+    regression, the target's units) in final/hf/config.json, so from_pretrained predicts what the run reported."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from launcher.data import load_splits
+    from launcher.data.text import TextOptions
+    from launcher.loop import default_unpack, forward
+
+    score = {"negative": -1.0, "neutral": 0.0, "positive": 1.0}
+    tags = {"negative": [0], "neutral": [1], "positive": [0, 1]}  # two tags, one or both
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": text, "target": 50 + 10 * score[label] + i % 3
+                                        if problem == "regression" else tags[label]}) + "\n"
+                            for i, (text, label) in enumerate(hf_fixtures.sentences(200))))
+    out = tmp_path / "run"
+    log = run(["--dataset", str(path), "--label-column", "target", "--model", f"hf:{assets['bert']}",
+               "--batch-size", "8", "--lr", "1e-2", "--epochs", "2", "--output-dir", str(out)], nproc=1).stdout
+    assert f"problem type: {problem}" in log  # detected: float values, lists of ids
+    exported = out / "final" / "hf"
+    config = AutoConfig.from_pretrained(exported)
+    assert config.problem_type == problem
+    data = load_splits(str(path), label_column="target", problem_type=problem,
+                       text=TextOptions(lambda: AutoTokenizer.from_pretrained(exported)))
+    inputs, labels = default_unpack(data.val.__getitems__(list(range(len(data.val)))))
+    with torch.no_grad():
+        outputs = forward(AutoModelForSequenceClassification.from_pretrained(exported).eval(), inputs)
+    [row] = read_metrics(out)[-1:]
+    if problem == "regression":
+        assert config.num_labels == 1 and config.target_std[0] > 1  # the units of the label column
+        mean, std = torch.tensor(config.target_mean), torch.tensor(config.target_std)
+        predicted, actual = outputs.double() * std + mean, labels.double().view(-1, 1) * std + mean
+        assert (predicted - actual).abs().mean().item() == pytest.approx(row["val_mae"], rel=1e-4)
+        assert "val_accuracy" not in row
+    else:
+        assert config.num_labels == 2
+        exact = ((outputs > 0) == labels.bool()).all(-1).double().mean().item()
+        assert exact == pytest.approx(row["val_exact_match"], rel=1e-9)

@@ -108,9 +108,16 @@ def load_model(name: str, data: Any, notice: Callable[[str], None] = print) -> t
         raise UsageError(f"--model hf:{name}: cannot load its weights ({_first_line(error)})") from None
     mismatched = sorted(k for k, *_ in info.get("mismatched_keys", ()))
     missing = sorted(info.get("missing_keys", ()))
+    regression = getattr(data, "problem_type", None) == "regression"
     if mismatched:
-        notice(f"hf:{name}: new classification head for {len(labels)} classes (the checkpoint's has another "
-               f"size): {_names(mismatched)} re-initialised")
+        outputs = f"{len(labels)} target(s)" if regression else f"{len(labels)} classes"
+        notice(f"hf:{name}: new head for {outputs} (the checkpoint's has another size): {_names(mismatched)} "
+               f"re-initialised")
+    if regression:
+        # The model learns standardized targets: final/hf/config.json says how to get back to the label's
+        # units (prediction * target_std + target_mean), which transformers keeps as extra config attributes.
+        model.config.target_mean = [float(v) for v in data.target_mean]
+        model.config.target_std = [float(v) for v in data.target_std]
     if missing:
         notice(f"hf:{name}: not in the checkpoint, initialised from scratch: {_names(missing)}")
     tokenizer = data.preprocessor if data.kind == "text" else None
