@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launcher.tracking.wandb_records import find_run_files, read_run_file
 from tests.helpers import (
@@ -188,6 +189,30 @@ def test_streaming_resumes_mid_epoch_bit_identical(corpus, tmp_path):
     assert "resumed from" in _lm([*args, "--output-dir", str(killed)], nproc=2).stdout
     assert_same_weights(final_weights(killed), final_weights(clean))
     assert comparable(_rows(killed)) == comparable(_rows(clean))
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_train_what_one_process_trains_on_the_whole_batch(corpus, tmp_path):
+    """1 process x 8 blocks and 2 processes x 2 blocks x 2 accumulated micro-batches: the same 8 blocks per
+    optimizer step, every token weighted the same, so the same weights after an epoch (float32 summation
+    order aside; gradient clipping and AdamW included)."""
+    args = ["--dataset", str(corpus), "--model", "gpt-nano", "--block-size", "32", "--epochs", "1",
+            "--sample-tokens", "0", "--wandb-mode", "disabled"]
+    _lm([*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], nproc=1)
+    _lm([*args, "--batch-size", "2", "--grad-accum", "2", "--output-dir", str(tmp_path / "two")], nproc=2)
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:
+        a, b = one[key], two[key]
+        if key.endswith("attn.qkv.bias"):
+            # The key bias shifts every score of a query equally, which softmax ignores: its true gradient is 0
+            # and AdamW's step on it is float noise (grad / sqrt(v) of noise), different for any summation order.
+            third = a.numel() // 3
+            a, b = torch.cat([a[:third], a[2 * third:]]), torch.cat([b[:third], b[2 * third:]])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
+    [row_one], [row_two] = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert (row_one["step"], row_one["train_tokens"]) == (row_two["step"], row_two["train_tokens"])
+    assert row_two["val_loss"] == pytest.approx(row_one["val_loss"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
