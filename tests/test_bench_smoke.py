@@ -93,3 +93,26 @@ def test_gpu_probe_compares_safetensors_bitwise(tmp_path):
     assert probe.compare_weights(tmp_path / "a.safetensors", tmp_path / "b.safetensors")[0]
     same, how = probe.compare_weights(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
     assert not same and "1/2 tensors differ" in how
+
+
+@pytest.mark.slow
+def test_language_model_benches_run_and_fsdp2_holds_half_per_rank(tmp_path):
+    """bench/lm.py and bench/lm_memory.py end to end at their smallest (numbers belong to RESULTS.md; the
+    sharding is asserted: on 2 ranks FSDP2 holds about half of DDP's parameters, gradients and AdamW state)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    speed = subprocess.run([sys.executable, str(ROOT / "bench" / "lm.py"), "--repeats", "1", "--epochs", "2",
+                            "--train-tokens", "8000", "--val-blocks", "8", "--out", str(tmp_path / "lm.json")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert speed.returncode == 0, speed.stderr[-3000:]
+    assert "fit / lean, tokens per second" in speed.stdout
+    summary = json.loads((tmp_path / "lm.json").read_text())["summary"]
+    assert set(summary) == {"lean", "launcher_fit"}
+    memory = subprocess.run([sys.executable, str(ROOT / "bench" / "lm_memory.py"), "--model", "gpt-nano",
+                             "--steps", "1", "--out", str(tmp_path / "memory.json")],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert memory.returncode == 0, memory.stderr[-3000:]
+    ranks = json.loads((tmp_path / "memory.json").read_text())
+    held = {config: [r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] for r in rows]
+            for config, rows in ranks.items()}
+    assert all(b > 0 for b in held["cpu_ddp"]) and held["cpu_ddp"][0] == held["cpu_ddp"][1]
+    assert all(0.45 < f / held["cpu_ddp"][0] < 0.55 for f in held["cpu_fsdp"]), held
