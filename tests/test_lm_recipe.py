@@ -192,15 +192,26 @@ def test_streaming_resumes_mid_epoch_bit_identical(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_accumulating_train_what_one_process_trains_on_the_whole_batch(corpus, tmp_path):
-    """1 process x 8 blocks and 2 processes x 2 blocks x 2 accumulated micro-batches: the same 8 blocks per
-    optimizer step, every token weighted the same, so the same weights after an epoch (float32 summation
-    order aside; gradient clipping and AdamW included)."""
+def test_two_processes_accumulating_under_ddp_and_fsdp2_train_what_one_process_trains_on_the_batch(corpus, tmp_path):
+    """1 process x 8 blocks, and 2 processes x 2 blocks x 2 accumulated micro-batches under DDP and under
+    FSDP2: the same 8 blocks per optimizer step, every token weighted the same (the token count all-reduced
+    and the gradients rescaled, sharded or not), so the same weights after an epoch (float32 summation order
+    aside; gradient clipping and AdamW included)."""
     args = ["--dataset", str(corpus), "--model", "gpt-nano", "--block-size", "32", "--epochs", "1",
             "--sample-tokens", "0", "--wandb-mode", "disabled"]
     _lm([*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], nproc=1)
-    _lm([*args, "--batch-size", "2", "--grad-accum", "2", "--output-dir", str(tmp_path / "two")], nproc=2)
-    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    accumulating = [*args, "--batch-size", "2", "--grad-accum", "2"]
+    _lm([*accumulating, "--output-dir", str(tmp_path / "two")], nproc=2)
+    _lm([*accumulating, "--output-dir", str(tmp_path / "fsdp")], nproc=2, config="cpu_fsdp")
+    one = final_weights(tmp_path / "one")
+    for run_dir in ("two", "fsdp"):
+        _assert_close_weights(one, final_weights(tmp_path / run_dir))
+        [row_one], [row] = _rows(tmp_path / "one"), _rows(tmp_path / run_dir)
+        assert (row_one["step"], row_one["train_tokens"]) == (row["step"], row["train_tokens"])
+        assert row["val_loss"] == pytest.approx(row_one["val_loss"], rel=1e-4)
+
+
+def _assert_close_weights(one: dict, two: dict) -> None:
     assert one.keys() == two.keys()
     for key in one:
         a, b = one[key], two[key]
@@ -210,9 +221,6 @@ def test_two_processes_accumulating_train_what_one_process_trains_on_the_whole_b
             third = a.numel() // 3
             a, b = torch.cat([a[:third], a[2 * third:]]), torch.cat([b[:third], b[2 * third:]])
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
-    [row_one], [row_two] = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert (row_one["step"], row_one["train_tokens"]) == (row_two["step"], row_two["train_tokens"])
-    assert row_two["val_loss"] == pytest.approx(row_one["val_loss"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
