@@ -63,13 +63,11 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
     with accelerator.main_process_first():  # the first process fills the datasets cache, the rest read it
         try:
             if config.streaming:
-                if config.problem_type not in (None, "single_label_classification"):
-                    raise UsageError(f"--streaming trains single-label classifiers only; drop --streaming for "
-                                     f"--problem-type {config.problem_type}")
                 if config.augment != "none":
                     raise UsageError("--augment is not available with --streaming yet; use --augment none")
                 data = load_stream_splits(config.dataset, seed=config.seed, label_column=config.label_column,
-                                          image_column=config.image_column, buffer=config.shuffle_buffer)
+                                          image_column=config.image_column, buffer=config.shuffle_buffer,
+                                          problem_type=config.problem_type)
                 if not len(data.train) and config.scheduler == "cosine":
                     raise UsageError("--scheduler cosine needs the number of training rows, which this stream "
                                      "does not say; use --scheduler constant or plateau")

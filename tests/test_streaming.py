@@ -1,5 +1,5 @@
 """--streaming: parquet shards streamed per rank and worker, killed mid-epoch and resumed at the same world
-size with every sample of the epoch trained exactly once."""
+size with every sample of the epoch trained exactly once; regression and multi-label streams too."""
 
 import json
 import signal
@@ -14,7 +14,17 @@ from launcher.checkpoint.rank_state import read_rank_file
 from launcher.data import make_loader
 from launcher.errors import UsageError
 from launcher.data.streaming import load_stream_splits
-from tests.helpers import make_env, read_metrics, run, signal_tree, start, wait_for
+from tests.helpers import (
+    assert_same_weights,
+    comparable,
+    final_weights,
+    make_env,
+    read_metrics,
+    run,
+    signal_tree,
+    start,
+    wait_for,
+)
 
 ROWS, SHARDS = 512, 8
 
@@ -145,3 +155,60 @@ def test_streaming_reads_the_hub_layout_in_two_processes(shards, tmp_path):
          "constant", "--output-dir", str(out)], 2)
     [row] = read_metrics(out)
     assert row["train_samples"] == ROWS and row["val_samples"] == 40 and row["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def task_shards(tmp_path_factory):
+    """scikit-learn's diabetes (float target: regression) and 6 features with lists of tag ids
+    (Sequence(ClassLabel): multi-label), each as 4 training shards and a validation split."""
+    from sklearn.datasets import load_diabetes
+
+    root = tmp_path_factory.mktemp("task-streams")
+    frame = load_diabetes(as_frame=True).frame
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    features = datasets.Features({**{f"f{i}": datasets.Value("float64") for i in range(6)},
+                                  "labels": datasets.Sequence(datasets.ClassLabel(names=list("abcd")))})
+    multi = datasets.Dataset.from_dict({**{f"f{i}": x[:, i] for i in range(6)},
+                                        "labels": [[int(i) for i in np.flatnonzero(r[:4] > 0.3)] for r in x]},
+                                       features=features)
+    for name, table, train_rows in (("diabetes", datasets.Dataset.from_pandas(frame), 320), ("multi", multi, 240)):
+        for split in ("train", "validation"):
+            (root / name / split).mkdir(parents=True)
+        for s, part in enumerate(np.array_split(np.arange(train_rows), 4)):
+            table.select(part).to_parquet(str(root / name / "train" / f"part-{s:03d}.parquet"))
+        table.select(range(train_rows, len(table))).to_parquet(str(root / name / "validation" / "part-000.parquet"))
+    return root
+
+
+@pytest.mark.slow
+def test_streaming_regression_resumes_bit_identical_and_multi_label_trains(task_shards, tmp_path):
+    """--streaming detects the problem type as the map-style path does: a regression (targets standardized
+    with the stream's first rows, metrics in the label's units) killed mid-epoch on 2 processes resumes to
+    the uninterrupted run's weights and rows; a multi-label stream reports its own metrics."""
+    args = ["--streaming", "--model", "tests.stream_probe:factory", "--epochs", "2", "--batch-size", "8",
+            "--shuffle-buffer", "64", "--save-every-steps", "3", "--scheduler", "constant", "--lr", "1e-2",
+            "--find-unused-parameters", "off", "--dataset"]
+    regression = [*args, str(task_shards / "diabetes")]
+    (tmp_path / "probe").mkdir()
+    env = make_env(STREAM_PROBE_DIR=str(tmp_path / "probe"))
+    clean = tmp_path / "clean"
+    assert "problem type: regression (float64 values" in run([*regression, "--output-dir", str(clean)], nproc=2,
+                                                               env=env).stdout
+    killed = tmp_path / "killed"
+    proc = start([*regression, "--output-dir", str(killed)], nproc=2, env={**env, "STREAM_PROBE_SLEEP": "0.1"})
+    reached = wait_for(lambda: len(list_checkpoints(killed)) >= 1, timeout=180, proc=proc)
+    signal_tree(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert reached, output[-3000:]
+    assert "resumed from" in run([*regression, "--output-dir", str(killed)], nproc=2, env=env).stdout
+    assert_same_weights(final_weights(killed), final_weights(clean))
+    assert comparable(read_metrics(killed)) == comparable(read_metrics(clean))
+    row = read_metrics(clean)[-1]
+    assert row["val_samples"] == 442 - 320 and row["val_mae"] > 1 and "val_accuracy" not in row  # label units
+    out = tmp_path / "multi"
+    result = run([*args, str(task_shards / "multi"), "--output-dir", str(out)], nproc=2, env=env)
+    assert "problem type: multi_label_classification (a list of class ids per row" in result.stdout
+    row = read_metrics(out)[-1]
+    assert row["val_samples"] == 60 and 0 <= row["val_exact_match"] <= 1 and "val_accuracy" not in row
+    assert row["train_samples"] == 240  # every streamed row once an epoch

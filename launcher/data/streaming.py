@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from datasets.distributed import split_dataset_by_node
 
-from launcher.data import images
+from launcher.data import images, targets
 from launcher.data.batched import BatchedDataset
 from launcher.errors import UsageError
 
@@ -42,14 +42,26 @@ _VAL_DIRS = ("validation", "valid", "val", "test")
 
 
 class RowConverter:
-    """Rows (dicts) of one schema -> standardized float32 inputs and int64 labels, in the worker."""
+    """Rows (dicts) of one schema -> standardized float32 inputs and the task's targets (int64 class ids,
+    float32 multi-hot rows, or float32 standardized regression targets), in the worker."""
 
-    def __init__(self, features: datasets.Features, label: str, image_column: str | None) -> None:
+    def __init__(self, features: datasets.Features, label: str, image_column: str | None,
+                 problem_type: str | None = None) -> None:
         from launcher.data.sources import _array_depth, _detect_image_column, _find_label_column
 
         self.label = _find_label_column(features, label, image_column)
-        if not (isinstance(features[self.label], datasets.ClassLabel) or _array_depth(features[self.label]) == 0):
-            raise UsageError(f"--streaming needs integer or ClassLabel labels; column {self.label!r} is neither")
+        self.feature = features[self.label]
+        self.problem_type, self.reason = (problem_type, "--problem-type") if problem_type else \
+            targets.detect(self.feature)
+        if self.problem_type == "single_label_classification" and not (
+                isinstance(self.feature, datasets.ClassLabel) or _array_depth(self.feature) == 0):
+            raise UsageError(f"--streaming needs integer or ClassLabel labels for single-label classification; "
+                             f"column {self.label!r} is neither")
+        # Targets other than class ids (launcher.data.targets), set by fit_targets: the names, and either the
+        # regression's standardization or the multi-label width (ids, or a multi-hot vector as it is).
+        self.names: list[str] = []
+        self.target_mean = self.target_std = None
+        self.multi_hot = False
         column = image_column or _detect_image_column(features, self.label)
         if column is not None and isinstance(features[column], datasets.Image):
             self.kind, self.columns = "image", [column]
@@ -89,9 +101,45 @@ class RowConverter:
             return torch.from_numpy(arrays)
         return torch.tensor([[float(r[c]) for c in self.columns] for r in rows], dtype=torch.float32)
 
+    def fit_targets(self, head: list[dict], val: datasets.Dataset) -> None:
+        """Regression and multi-label targets: checked and named as the map-style path does (launcher.data.
+        targets) on the stream's first rows and the validation split; a regression is standardized with the
+        first rows' mean and std, as the features are."""
+        if self.problem_type == "single_label_classification":
+            return
+        features = datasets.Features({self.label: self.feature})
+        head_ds = datasets.Dataset.from_dict({self.label: [r[self.label] for r in head]}, features=features)
+        found = targets.encode(head_ds, val.select_columns([self.label]).cast(features), self.label,
+                               ("train", "validation"), self.problem_type)
+        self.names, self.problem_type = found.names, found.problem_type
+        if self.problem_type == "regression":
+            _, _, mean, std = targets.standardize(found.train, found.val)
+            self.target_mean, self.target_std = torch.tensor(mean, dtype=torch.float64), \
+                torch.tensor(std, dtype=torch.float64)
+        self.multi_hot = found.reason.endswith("(multi-hot)")
+
+    def labels(self, rows: list[dict]) -> torch.Tensor:
+        values = [r[self.label] for r in rows]
+        if self.problem_type == "regression":
+            # (N,) or (N, K), as the map-style path shapes them; the statistics have one entry per target
+            return ((torch.tensor(values, dtype=torch.float64) - self.target_mean) / self.target_std).float()
+        if self.problem_type == "multi_label_classification":
+            if self.multi_hot:
+                return torch.tensor(values, dtype=torch.float32)
+            hot = torch.zeros(len(values), len(self.names))
+            for i, ids in enumerate(values):
+                for label in ids:
+                    if not 0 <= int(label) < len(self.names):
+                        raise ValueError(f"label column {self.label!r} holds class id {label}, beyond the "
+                                         f"{len(self.names)} classes of the stream's first rows and the validation "
+                                         f"split; declare them with Sequence(ClassLabel(names=[...]))")
+                    hot[i, int(label)] = 1.0
+            return hot
+        return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
     def __call__(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = (self.raw(rows) - self.mean) / self.std
-        return inputs.contiguous(), torch.tensor([int(r[self.label]) for r in rows], dtype=torch.int64)
+        return inputs.contiguous(), self.labels(rows)
 
 
 class _WorkerCollate:
@@ -236,7 +284,7 @@ class StreamValDataset(BatchedDataset):
 
     def __init__(self, ds: datasets.Dataset, convert: RowConverter) -> None:
         self.ds, self.convert = ds, convert
-        self.labels = torch.as_tensor(np.asarray(ds.with_format("numpy")[convert.label]), dtype=torch.int64)
+        self.labels = convert.labels([{convert.label: v} for v in ds[convert.label]])  # the split's targets
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         columns = self.ds[list(indices)]
@@ -249,8 +297,10 @@ class StreamValDataset(BatchedDataset):
 
 
 def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = None,
-                       image_column: str | None = None, buffer: int = SHUFFLE_BUFFER) -> Any:
-    """DataSplits whose `train` is a StreamingTrain (make_loader turns it into a StreamingLoader)."""
+                       image_column: str | None = None, buffer: int = SHUFFLE_BUFFER,
+                       problem_type: str | None = None) -> Any:
+    """DataSplits whose `train` is a StreamingTrain (make_loader turns it into a StreamingLoader).
+    `problem_type` forces one (default: detected from the label column, as launcher.data.targets does)."""
     from launcher.data.pipeline import DataSplits
 
     path = Path(dataset).expanduser()
@@ -282,21 +332,29 @@ def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = No
         split_info = (head.info.splits or {}).get("train")
         num_shards, num_rows = head.num_shards, getattr(split_info, "num_examples", None) or None
     head = build()
-    convert = RowConverter(head.features, label_column, image_column)
+    convert = RowConverter(head.features, label_column, image_column, problem_type)
     if convert.kind == "image":
         head = head.cast_column(convert.columns[0], datasets.Image(decode=False))
         val = val.cast_column(convert.columns[0], datasets.Image(decode=False))
-    convert.fit(list(head.take(STATS_ROWS)))
-    feature = head.features[convert.label]
-    val_ds = StreamValDataset(val, convert)
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
+    first = list(head.take(STATS_ROWS))
+    convert.fit(first)
+    convert.fit_targets(first, val)
+    if convert.problem_type != "single_label_classification":
+        names = convert.names
+    elif isinstance(convert.feature, datasets.ClassLabel):
+        names = list(convert.feature.names)
     else:
-        names = [str(i) for i in range(int(val_ds.labels.max()) + 1)]
+        names = [str(i) for i in range(int(np.asarray(val.with_format("numpy")[convert.label]).max()) + 1)]
     train = StreamingTrain(lambda: _undecoded(build(), convert), convert, num_shards, num_rows, seed, buffer)
-    return DataSplits(train=train, val=val_ds, num_classes=len(names), input_shape=convert.shape,
-                      class_names=names, name=dataset, val_source="its validation split (map-style)",
-                      mean=convert.mean.flatten().tolist(), std=convert.std.flatten().tolist())
+    regression = convert.problem_type == "regression"
+    return DataSplits(train=train, val=StreamValDataset(val, convert), num_classes=len(names),
+                      input_shape=convert.shape, class_names=names, name=dataset,
+                      val_source="its validation split (map-style)", mean=convert.mean.flatten().tolist(),
+                      std=convert.std.flatten().tolist(), problem_type=convert.problem_type,
+                      problem_reason=convert.reason + (f"; targets standardized with the first {len(first)} rows"
+                                                       if regression else ""),
+                      target_mean=convert.target_mean.tolist() if regression else [],
+                      target_std=convert.target_std.tolist() if regression else [])
 
 
 def _schema(path: str) -> Any:
