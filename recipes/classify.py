@@ -51,7 +51,7 @@ from launcher.loop.launch import open_run, relaunch
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
-from launcher.tracking.tracker import run_metadata, start_tracker
+from launcher.tracking.tracker import PREDICTIONS_TABLE_ROWS, first_rows, run_metadata, start_tracker
 
 
 def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
@@ -172,7 +172,8 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     # Evaluation needs no sharding or DDP wrapper (accelerate's FSDP2 prepare also wants an optimizer).
     model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
     metrics = evaluate(model, loader, task=task, accelerator=accelerator)
-    if config.predictions:  # every rank predicts its share; rank 0 writes them all, in the split's order
+    rows = None  # --predictions: every rank predicts its share; rank 0 writes them all, in the split's order
+    if config.predictions:
         rows = predict(model, loader, task, accelerator=accelerator)
         main_writes(accelerator.is_main_process, Path(config.predictions), "predictions",
                     lambda: write_parquet_atomic(Path(config.predictions), rows))
@@ -189,6 +190,8 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info, resume_run_id=None)
     tracker.log_evaluation(metrics.as_row("val"), {"checkpoint": str(checkpoint.resolve()),
                                                    "run_id": trained.get("extra", {}).get("wandb_run_id")})
+    if rows is not None:  # rank 0 (the others' tracker logs nothing): the first rows, as a W&B table
+        tracker.log_table("predictions", *first_rows(rows, PREDICTIONS_TABLE_ROWS))
     tracker.finish([], 0)
 
 

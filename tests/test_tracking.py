@@ -26,6 +26,7 @@ from launcher.tracking.tracker import (
     build_config,
     confusion_matrix_table,
     epoch_metrics,
+    first_rows,
     generate_run_id,
     resolve_mode,
     run_metadata,
@@ -126,6 +127,12 @@ def test_confusion_matrix_rows_use_class_names_when_they_fit():
     assert confusion_matrix_table([[3, 1], [0, 4]], ["cat", "dog"]) == [
         ["cat", "cat", 3], ["cat", "dog", 1], ["dog", "cat", 0], ["dog", "dog", 4]]
     assert confusion_matrix_table([[1]], ["too", "many"]) == [["0", "0", 1]]
+
+
+def test_a_predictions_table_is_its_first_rows_with_their_columns():
+    columns = {"index": [0, 1, 2], "label": [1, 0, 1], "probabilities": [[0.2, 0.8], [0.9, 0.1], [0.4, 0.6]]}
+    assert first_rows(columns, 2) == (["index", "label", "probabilities"], [[0, 1, [0.2, 0.8]], [1, 0, [0.9, 0.1]]])
+    assert first_rows(columns, 10)[1][-1] == [2, 1, [0.4, 0.6]]
 
 
 def test_generated_ids_look_like_wandb_ids():

@@ -7,16 +7,19 @@ are read back with launcher.tracking.wandb_records: what `wandb sync` would uplo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from launcher.errors import EXIT_USAGE
+from launcher.tracking.tracker import PREDICTIONS_TABLE_ROWS
 from launcher.tracking.wandb_records import find_run_files, read_run_file
 from tests.helpers import RECIPE, ROOT, read_metrics, run, signal_tree, wait_for
 
@@ -103,8 +106,9 @@ def test_the_console_has_our_one_wandb_line_and_no_progress_bar_fragments(traine
 def test_an_eval_only_run_reaches_wandb_naming_its_checkpoint(trained):
     out, home, _, wb = trained
     eval_dir = home / "eval"
-    result = run(["--eval-only", "--resume", str(out / "checkpoints" / "best"), "--output-dir", str(eval_dir)], 1,
-                 env=_env(home), timeout=240)
+    parquet = eval_dir / "predictions.parquet"
+    result = run(["--eval-only", "--resume", str(out / "checkpoints" / "best"), "--output-dir", str(eval_dir),
+                  "--predictions", str(parquet)], 1, env=_env(home), timeout=240)
     assert not [line for line in result.stdout.splitlines() if line.startswith("wandb:")], result.stdout
     [path] = find_run_files(eval_dir / "wandb")
     ev = read_run_file(path)
@@ -114,6 +118,14 @@ def test_an_eval_only_run_reaches_wandb_naming_its_checkpoint(trained):
     picked = next(r for r in read_metrics(out) if r["epoch"] == wb.summary["best/epoch"])
     assert ev.summary["val/accuracy"] == pytest.approx(picked["val_accuracy"], abs=1e-12)
     assert list(path.parent.glob("files/media/table/eval/confusion_matrix*.json"))
+    # --predictions: its first PREDICTIONS_TABLE_ROWS rows as the `predictions` table, columns as in the parquet
+    predictions = pd.read_parquet(parquet)
+    [logged] = [row["predictions"] for row in ev.history_with("predictions")]
+    assert logged["_type"] == "table-file" and logged["nrows"] == min(len(predictions), PREDICTIONS_TABLE_ROWS)
+    table = json.loads((path.parent / "files" / logged["path"]).read_text())
+    assert table["columns"] == list(predictions.columns) == ["index", "label", "prediction", "probabilities"]
+    assert table["data"] == [[v.tolist() if hasattr(v, "tolist") else v for v in row]
+                             for row in predictions.head(PREDICTIONS_TABLE_ROWS).itertuples(index=False)]
 
 
 def _agent_argv(sweep: dict, args: dict) -> list[str]:

@@ -63,6 +63,9 @@ DEFAULT_FINISH_TIMEOUT_S = 120.0
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 _SECRET_NAME = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
 REDACTED = "<redacted>"
+# An eval run's `predictions` W&B table holds the first rows of --predictions (the parquet holds them all):
+# enough to browse in the UI, bounded so that a large split does not upload a large table.
+PREDICTIONS_TABLE_ROWS = 1000
 
 
 class Tracker(Protocol):
@@ -262,6 +265,12 @@ def confusion_matrix_table(matrix: list[list[float]], class_names: list[str] | N
     names = list(class_names) if class_names and len(class_names) == len(matrix) else \
         [str(i) for i in range(len(matrix))]
     return [[names[i], names[j], matrix[i][j]] for i in range(len(matrix)) for j in range(len(matrix[i]))]
+
+
+def first_rows(columns: Mapping[str, list], limit: int = PREDICTIONS_TABLE_ROWS) -> tuple[list[str], list[list]]:
+    """The names and the first `limit` rows of a table held as columns (--predictions'), for log_table."""
+    names = list(columns)
+    return names, [list(row) for row in zip(*(columns[name][:limit] for name in names))]
 
 
 def _one_line(err: BaseException) -> str:
