@@ -60,8 +60,8 @@ class TrainConfig:
     # data
     dataset: str = _opt(
         "digits",
-        "'digits' (embedded, no network), a local path (imagefolder/csv/parquet/json/saved datasets "
-        "folder) or a name for datasets.load_dataset",
+        "'digits' or 'diabetes' (embedded, no network: classification, regression), a local path "
+        "(imagefolder/csv/parquet/json/saved datasets folder) or a name for datasets.load_dataset",
         relaunch="fixed",
     )
     dataset_config: str | None = _opt(None, "configuration of a Hub dataset that has several (load_dataset's "

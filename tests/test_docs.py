@@ -135,6 +135,7 @@ def test_the_tour_covers_what_the_readme_promises():
     assert any("--eval-only" in c for c in commands)
     assert any(c.startswith("launcher compare ") for c in commands)
     assert any(c.startswith("launcher submit ") and "--dry-run" in c for c in commands)
+    assert any("--dataset diabetes" in c for c in commands)  # a task other than classification
 
 
 def tour_env(home: Path) -> dict:
@@ -200,6 +201,10 @@ def check_step(step: Step, output: str, cwd: Path) -> None:
         assert [row["epoch"] for row in read_metrics(out_dir)] == list(range(1, int(step.flag("--epochs") or 10) + 1))
         if "--num_processes" in step.args:
             assert read_metrics(out_dir)[-1]["world_size"] == int(step.flag("--num_processes"))
+        if step.flag("--dataset") == "diabetes":  # the embedded regression: its own metrics, in its units
+            row = read_metrics(out_dir)[-1]
+            assert "problem type: regression" in output and row["val_r2"] > 0.3 and row["val_mae"] > 10, row
+            assert not any("accuracy" in key for key in row), row
     elif step.args[:2] == ["launcher", "compare"]:
         for run in step.args[2:step.args.index("--plot") if "--plot" in step.args else None]:
             assert Path(run).name in output, output

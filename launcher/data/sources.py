@@ -1,9 +1,10 @@
 """Raw datasets, their splits and their columns: a `datasets.Dataset` from any source, the label column and
 class ids, the validation split (the dataset's own, else a stratified carve by seed).
 
-Sources: the embedded digits, a local folder (save_to_disk, class subfolders of images, or files `datasets`
-infers a builder for) or file (csv/tsv/parquet/json), and a Hub name. The column helpers here are shared by
-the in-memory/Arrow inputs (launcher.data.arrays) and the stream (launcher.data.streaming).
+Sources: the embedded digits and diabetes (scikit-learn's, no network), a local folder (save_to_disk, class
+subfolders of images, or files `datasets` infers a builder for) or file (csv/tsv/parquet/json), and a Hub
+name. The column helpers here are shared by the in-memory/Arrow inputs (launcher.data.arrays) and the stream
+(launcher.data.streaming).
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def _load_train_val(dataset: str, config: str | None = None,
 
 
 def _load_raw(dataset: str, config: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
-    if config is not None and (dataset == "digits" or Path(dataset).expanduser().exists()):
+    if config is not None and (dataset in EMBEDDED or Path(dataset).expanduser().exists()):
         raise UsageError(f"--dataset-config names a configuration of a Hub dataset; {dataset!r} is local: "
                          f"leave --dataset-config out")
-    if dataset == "digits":
-        return _digits()
+    if dataset in EMBEDDED:
+        return EMBEDDED[dataset]()
     path = Path(dataset).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -98,7 +99,7 @@ def _load_raw(dataset: str, config: str | None = None) -> datasets.Dataset | dat
     except Exception as error:  # network, missing or gated dataset: all end the same way for the user
         raise UsageError(
             f"could not find or load dataset {dataset!r} from the Hugging Face Hub "
-            f"({_first_line(error)}); 'digits' or a local path (image folder, csv/parquet/json, "
+            f"({_first_line(error)}); 'digits', 'diabetes' or a local path (image folder, csv/parquet/json, "
             f"save_to_disk folder) work offline"
         ) from error
 
@@ -140,6 +141,18 @@ def _digits() -> datasets.Dataset:
     # Pixel values are counts 0..16 (of a 4x4 block); /16 puts them in [0, 1] like any image.
     images = (images / 16.0).astype(np.float32)
     return datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
+
+
+def _diabetes() -> datasets.Dataset:
+    """scikit-learn's bundled diabetes data (442 patients, 10 measurements in their own units, `target`: a
+    float disease progression score a year later): the embedded regression, no network."""
+    from sklearn.datasets import load_diabetes
+
+    return datasets.Dataset.from_pandas(load_diabetes(as_frame=True, scaled=False).frame, preserve_index=False)
+
+
+# Datasets that ship with a dependency: `--dataset NAME` works offline.
+EMBEDDED = {"digits": _digits, "diabetes": _diabetes}
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
