@@ -258,6 +258,13 @@ def test_hf_gpt2_under_fsdp2_saves_sharded_resumes_and_exports_a_generating_mode
     _lm(["--dataset", str(corpus), "--model", f"hf:{tiny_gpt2}", "--eval-only", "--resume",
          str(out / "checkpoints" / "best"), "--output-dir", str(target), *HF_ARGS])
     assert json.loads((target / "eval.json").read_text())["val_loss"] == pytest.approx(rows[1]["val_loss"], rel=1e-6)
+    # `launcher export` turns the sharded checkpoint into one plain file: the final weights, tie included
+    from safetensors.torch import load_file
+
+    exported = tmp_path / "exported.safetensors"
+    subprocess.run([sys.executable, "-m", "launcher", "export", str(out / "checkpoints" / "best"), str(exported)],
+                   check=True, env=make_env(), capture_output=True, timeout=120)
+    assert_same_weights(load_file(exported), final_weights(out))
 
 
 # ---------------------------------------------------------------------------------------------------------
