@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.loops import Run, _EpochClockTracker, _quiet, reset_accelerate_state  # noqa: E402
+from bench.loops import Run, _EpochClockTracker, _quiet, interleaved  # noqa: E402
 
 
 def build(folder: Path, sentences: int, batch_size: int):
@@ -127,17 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path, data, loaders = build(Path(tmp), args.sentences, args.batch_size)
         tokens = data.train.token_count()
-        per = {name: {"cpu": [], "wall": [], "val_accuracy": []} for name in LOOPS}
-        rng = random.Random(args.seed)
-        for _ in range(args.repeats):
-            order = list(LOOPS)
-            rng.shuffle(order)
-            for name in order:
-                reset_accelerate_state()
-                run = LOOPS[name](path, data, loaders, args.epochs, args.seed)
-                per[name]["cpu"] += run.epoch_seconds(1)[1:]
-                per[name]["wall"] += run.epoch_seconds(0)[1:]
-                per[name]["val_accuracy"].append(run.final["val_accuracy"])
+        per = interleaved(LOOPS, lambda loop: loop(path, data, loaders, args.epochs, args.seed), args.repeats,
+                          args.seed, "val_accuracy")
     summary = {name: {"tokens_per_s_cpu": tokens / statistics.median(d["cpu"]),
                       "tokens_per_s_wall": tokens / statistics.median(d["wall"]),
                       "epoch_s_cpu_median": statistics.median(d["cpu"]), "epoch_s_cpu_min": min(d["cpu"]),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.loops import Run, _quiet, reset_accelerate_state  # noqa: E402
+from bench.loops import Run, _quiet, interleaved  # noqa: E402
 
 MODEL, BLOCK, LR, WEIGHT_DECAY, CLIP = "gpt-nano", 128, 2e-3, 0.1, 1.0
 
@@ -146,17 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     data = build(args.train_tokens, args.val_blocks, args.seed)
     tokens = len(data.train) * (BLOCK - 1)  # predicted tokens an epoch: what fit's tokens/s counts
-    per = {name: {"cpu": [], "wall": [], "val_loss": []} for name in LOOPS}
-    rng = random.Random(args.seed)
-    for _ in range(args.repeats):
-        order = list(LOOPS)
-        rng.shuffle(order)
-        for name in order:
-            reset_accelerate_state()
-            run = LOOPS[name](data, args.batch_size, args.epochs, args.seed)
-            per[name]["cpu"] += run.epoch_seconds(1)[1:]
-            per[name]["wall"] += run.epoch_seconds(0)[1:]
-            per[name]["val_loss"].append(run.final["val_loss"])
+    per = interleaved(LOOPS, lambda loop: loop(data, args.batch_size, args.epochs, args.seed), args.repeats,
+                      args.seed, "val_loss")
     summary = {}
     print(f"{MODEL}, blocks of {BLOCK}, batch {args.batch_size}: {tokens:,} training tokens an epoch; "
           f"{args.repeats} runs x {args.epochs - 1} timed epochs per loop")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,24 @@ class Run:
     def epoch_seconds(self, kind: int = 0) -> list[float]:
         """Per-epoch wall (kind 0) or process CPU (kind 1) seconds."""
         return [b[kind] - a[kind] for a, b in zip(self.marks, self.marks[1:])]
+
+
+def interleaved(loops: dict, run_one, repeats: int, seed: int, final_key: str) -> dict[str, dict[str, list]]:
+    """Every loop `repeats` times, in a new random order each repeat, each from a fresh Accelerate state:
+    `run_one(loop)` returns its Run. Per loop: the CPU and wall seconds of every epoch but each run's first
+    (a warm-up), and `final_key` of each run's last epoch."""
+    per = {name: {"cpu": [], "wall": [], final_key: []} for name in loops}
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        order = list(loops)
+        rng.shuffle(order)
+        for name in order:
+            reset_accelerate_state()
+            run = run_one(loops[name])
+            per[name]["cpu"] += run.epoch_seconds(1)[1:]
+            per[name]["wall"] += run.epoch_seconds(0)[1:]
+            per[name][final_key].append(run.final[final_key])
+    return per
 
 
 def reset_accelerate_state() -> None:
