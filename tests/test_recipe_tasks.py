@@ -1,6 +1,7 @@
 """The recipe on each problem type: the type detected from the label column, trained in 2 processes, its
 checkpoint evaluated on 1 and 3 processes with the same metrics, and --predictions recomputed with
-scikit-learn giving the reported metrics; bad input in one line."""
+scikit-learn giving the reported metrics; a CNN on images with a float target and with tags; bad input in one
+line."""
 
 import json
 import signal
@@ -152,3 +153,34 @@ def test_bad_task_input_is_one_line_exit_2_and_touches_nothing(data, tmp_path, a
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert needle in lines[0] and lines[0].startswith("classify.py: error:"), lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def digit_images(tmp_path_factory):
+    """The embedded digits' 8x8 images with two other label columns: the digit's value as a float
+    (regression) and which of even / at least 5 / prime it is (multi-label, Sequence(ClassLabel))."""
+    from launcher.data.sources import digits_arrays
+
+    images, digits = digits_arrays()
+    tags = [[t for t, ok in enumerate((d % 2 == 0, d >= 5, d in (2, 3, 5, 7))) if ok] for d in digits]
+    names = ["even", "at least 5", "prime"]
+    features = datasets.Features({"image": datasets.Array2D(shape=(8, 8), dtype="float32"),
+                                  "value": datasets.Value("float32"),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=names))})
+    folder = tmp_path_factory.mktemp("digit-images") / "data"
+    datasets.Dataset.from_dict({"image": (images / 16).astype(np.float32), "value": digits.astype(np.float32),
+                                "tags": tags}, features=features).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("column,problem,metric,floor", [("value", "regression", "val_r2", 0.5),
+                                                          ("tags", "multi_label_classification", "val_f1_micro", 0.8)])
+def test_image_models_learn_regression_and_multi_label_targets(digit_images, tmp_path, column, problem, metric, floor):
+    """Not only tables: a CNN on images, 2 processes, for a float target and for lists of tags."""
+    out = tmp_path / "run"
+    result = run(["--dataset", str(digit_images), "--label-column", column, "--model", "cnn", "--epochs", "3",
+                  "--output-dir", str(out)], nproc=2)
+    assert f"problem type: {problem}" in result.stdout
+    row = read_metrics(out)[-1]
+    assert row[metric] > floor and row["world_size"] == 2 and "val_accuracy" not in row, row
