@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.slurm_jobs import baseline, cluster  # noqa: F401 - session fixtures, registered here to be built once
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

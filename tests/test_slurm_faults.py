@@ -1,6 +1,7 @@
 """Faults on the real two-node SLURM cluster (tests/slurm/cluster.sh): a stopped rank, a killed rank with restarts.
 
-Uses the cluster, the job helpers and the uninterrupted 2-node baseline of tests/test_slurm_cluster.py.
+Uses the cluster, the job helpers and the uninterrupted 2-node baseline of tests/slurm_jobs.py, which
+tests/test_slurm_cluster.py shares.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import pytest
 from launcher.data.sampling import RECORD_ENV
 from launcher.errors import EXIT_HUNG
 from tests.helpers import assert_same_weights, comparable, final_weights, read_metrics, wait_for
-from tests.test_slurm_cluster import (  # noqa: F401 - cluster and baseline are fixtures
-    TRAIN,
-    baseline,
-    cluster,
+from tests.slurm_jobs import (
     processes_of_job,
     read_log,
     submit,
@@ -42,7 +40,7 @@ def training_worker(job_id: str, rank: int):
 
 
 def test_stopped_rank_fails_the_job_within_the_bound_naming_it(
-        cluster, tmp_path):  # noqa: F811 - the imported fixture
+        cluster, tmp_path):
     run, samples = tmp_path / "run", tmp_path / "samples"
     options = ["--nodes", "2", "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--init-timeout", "120",
                "--env", f"{RECORD_ENV}={samples}", "--output-dir", str(run)]
@@ -78,7 +76,7 @@ def test_stopped_rank_fails_the_job_within_the_bound_naming_it(
 
 
 def test_killed_rank_is_restarted_inside_the_allocation_and_the_job_ends_bit_identical(
-        cluster, baseline, tmp_path):  # noqa: F811 - the imported fixtures
+        cluster, baseline, tmp_path):
     run = tmp_path / "run"
     job_id, _ = submit(cluster, ["--nodes", "2", "--max-restarts", "1", "--output-dir", str(run)])
     log = run / "slurm" / f"classify-{job_id}.out"
