@@ -13,6 +13,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, st
 
 from launcher.errors import UsageError
 from launcher.faults.elastic import join_restarted_group
+from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
 from launcher.faults.timeouts import Timeouts
 from launcher.faults.watchdog import nccl_environment
 from launcher.loop.determinism import use_deterministic_algorithms
@@ -72,7 +73,10 @@ def start_process_group(*, collective_timeout: float | None = None, init_timeout
 
 
 def _prepare_process_group(cpu: bool, timeouts: Timeouts) -> None:
-    """What must happen before the default group exists: NCCL's watchdog settings, torchrun restarts."""
+    """What must happen before the default group exists: NCCL's watchdog settings, torchrun restarts, and the
+    exit handler that lets gloo's worker threads settle (launcher.faults.gloo_exit; GPU runs have gloo
+    groups too: the watchdog's, the streaming vote's)."""
+    settle_gloo_workers_at_exit()
     if not cpu and torch.cuda.is_available():
         for key, value in nccl_environment().items():
             os.environ.setdefault(key, value)  # read when the NCCL group is created

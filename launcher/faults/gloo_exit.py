@@ -1,0 +1,63 @@
+"""A clean exit for a process that used gloo: its worker threads settle before Python finalizes.
+
+Gloo runs each collective on a worker thread of its process group (`pt_gloo_runloop`). The worker drops
+its reference to a finished collective a moment after the caller's `wait()` returns, and when that
+collective held tensors Python created, dropping them takes the GIL. Should the main thread reach
+interpreter finalization first (the end of a script, just after its last barrier), Python before 3.14 ends
+the worker with `pthread_exit` inside a C++ destructor and the process aborts: "terminate called without
+an active exception", SIGABRT, exit -6 after a run that finished. Measured: 7 of 80 runs of a 3-process
+gloo job on 2 loaded cores; gdb shows the worker in `~AsyncBarrierWork` -> `decref_pyobject` -> `take_gil`.
+`destroy_process_group` does not stop the workers (a DDP-wrapped model keeps its group alive until exit).
+
+So an atexit handler, which runs before finalization while a worker can still take the GIL, waits with the
+GIL released until every gloo worker of this process is blocked (idle, or waiting on a peer) for a few
+polls in a row: a few milliseconds at a normal exit, at most `LIMIT_S`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+
+WORKER = "pt_gloo_runloop"  # the name torch gives gloo's worker threads
+POLL_S = 0.002
+QUIET_POLLS = 3  # consecutive polls with every worker blocked
+LIMIT_S = 2.0
+
+_registered = False
+
+
+def settle_gloo_workers_at_exit() -> None:
+    """Register the exit handler once per process (before the process group exists, so that it runs after
+    the handlers torch and accelerate register: atexit runs the last registered first)."""
+    global _registered
+    if not _registered and os.path.isdir("/proc/self/task"):  # Linux; elsewhere there is nothing to read
+        atexit.register(wait_for_idle_workers)
+        _registered = True
+
+
+def wait_for_idle_workers(limit_s: float = LIMIT_S) -> bool:
+    """Sleep (the GIL released) until no gloo worker is running or runnable; whether they settled in time."""
+    deadline, quiet = time.monotonic() + limit_s, 0
+    while quiet < QUIET_POLLS:
+        if time.monotonic() > deadline:
+            return False
+        quiet = quiet + 1 if all(state != "R" for state in _worker_states()) else 0
+        time.sleep(POLL_S)
+    return True
+
+
+def _worker_states() -> list[str]:
+    """The scheduler state (R running or runnable, S/D blocked) of each gloo worker thread of this process."""
+    states = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended between listing and reading
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if name == WORKER:
+            states.append(stat[stat.rindex(")") + 2])
+    return states
