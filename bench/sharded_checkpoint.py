@@ -35,6 +35,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from launcher.faults.gloo_exit import settle_gloo_workers_at_exit  # noqa: E402
+
 WIDTH, DEPTH = 2896, 12
 MB = 1 << 20
 MODES = ("rank0", "gathered", "sharded", "async")
@@ -82,6 +84,7 @@ def worker(mode: str, out: Path) -> None:
     from launcher.checkpoint import CheckpointManager, TrainerState, load_checkpoint
     from launcher.checkpoint.sharded import get_model_state_dict, get_optimizer_state_dict, load_sharded, save_sharded
 
+    settle_gloo_workers_at_exit()  # else a gloo worker can abort the process at exit (launcher.faults.gloo_exit)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = build()

@@ -202,7 +202,10 @@ def _sharded_steps(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
+    from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    settle_gloo_workers_at_exit()  # else a gloo worker can abort the process at exit (launcher.faults.gloo_exit)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for kind in ("ddp", "fsdp2"):
         _sharded_step(rank, kind, True, f"{out}/{kind}.pt")

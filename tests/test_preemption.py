@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
 from launcher.faults.preemption import MAX_EVERY, PreemptionWatch, steps_in
 from tests.helpers import free_port
 
@@ -49,6 +50,7 @@ def test_cadence_grows_at_most_twofold_per_vote():
 
 def _loop(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    settle_gloo_workers_at_exit()  # else a gloo worker can abort the process at exit (launcher.faults.gloo_exit)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     watch = PreemptionWatch(interval_s=INTERVAL_S)
     stopped = None

@@ -30,7 +30,10 @@ _registered = False
 
 def settle_gloo_workers_at_exit() -> None:
     """Register the exit handler once per process (before the process group exists, so that it runs after
-    the handlers torch and accelerate register: atexit runs the last registered first)."""
+    the handlers torch and accelerate register: atexit runs the last registered first). make_accelerator and
+    start_process_group call it, and so do fit and evaluate (for an Accelerator built elsewhere, the handler
+    then runs before torch's and accelerate's, which issue no collectives); code that calls
+    `init_process_group` itself should call it first."""
     global _registered
     if not _registered and os.path.isdir("/proc/self/task"):  # Linux; elsewhere there is nothing to read
         atexit.register(wait_for_idle_workers)
@@ -38,7 +41,10 @@ def settle_gloo_workers_at_exit() -> None:
 
 
 def wait_for_idle_workers(limit_s: float = LIMIT_S) -> bool:
-    """Sleep (the GIL released) until no gloo worker is running or runnable; whether they settled in time."""
+    """Sleep (the GIL released) until no gloo worker is running or runnable; whether they settled in time.
+    Returns at once in a process without gloo workers."""
+    if not _worker_states():
+        return True
     deadline, quiet = time.monotonic() + limit_s, 0
     while quiet < QUIET_POLLS:
         if time.monotonic() > deadline:

@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
+from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
 from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
@@ -37,6 +38,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable | str |
     included (`.as_row("val")` gives `val_<name>`). Pass `prepare=True` for a model/loader that Accelerate
     has not prepared yet.
     """
+    settle_gloo_workers_at_exit()  # a user-built Accelerator too (launcher.faults.gloo_exit)
     accelerator = accelerator or make_accelerator()
     task = resolve_task(task, loss_fn, num_classes, step)
     elastic = find_elastic_sampler(loader) is not None  # sharded by its sampler: Accelerate must not re-shard it

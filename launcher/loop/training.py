@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from launcher.checkpoint import CheckpointManager, TrainerState, append_line_durable, restore_rng
 from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.errors import EXIT_DIVERGED, EXIT_PREEMPTED, LeaseLost
+from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
 from launcher.faults.lease import claim_for_ranks
 from launcher.faults.preemption import PreemptionWatch
 from launcher.faults.timeouts import Timeouts
@@ -137,6 +138,7 @@ def fit(
     topology, and a run whose epochs or patience are used up trains nothing (final/ is written only if
     it is missing or stale).
     """
+    settle_gloo_workers_at_exit()  # a user-built Accelerator too (launcher.faults.gloo_exit)
     accelerator = accelerator or make_accelerator(
         grad_accum=grad_accum, seed=seed, collective_timeout=timeouts.collective if timeouts else None,
         init_timeout=timeouts.init if timeouts else None)
