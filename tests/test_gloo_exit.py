@@ -15,6 +15,8 @@ from launcher.faults import gloo_exit
 from tests.helpers import make_env, run
 
 JOB = """
+import sys
+
 import torch
 from launcher.faults import gloo_exit
 from launcher.loop.accelerator import make_accelerator
@@ -24,8 +26,10 @@ model = accelerator.prepare(torch.nn.Linear(2, 2))
 model(torch.ones(4, 2)).sum().backward()  # DDP's gradient all-reduce runs on a gloo worker
 accelerator.wait_for_everyone()
 workers = len(gloo_exit._worker_states())
-print(f"rank {accelerator.process_index}: {workers} gloo workers, registered {gloo_exit._registered}, "
-      f"settled {gloo_exit.wait_for_idle_workers()}", flush=True)
+# One write per line: two ranks share the pipe, and print() writes the newline separately.
+sys.stdout.write(f"rank {accelerator.process_index}: {workers} gloo workers, registered {gloo_exit._registered}, "
+                 f"settled {gloo_exit.wait_for_idle_workers()}\\n")
+sys.stdout.flush()
 accelerator.end_training()
 """
 
@@ -34,7 +38,7 @@ def test_the_handler_finds_the_gloo_workers_of_a_two_process_group_and_returns_o
     script = tmp_path / "job.py"
     script.write_text(JOB)
     out = run([], nproc=2, script=script, env=make_env(OMP_NUM_THREADS="1")).stdout
-    lines = re.findall(r"rank (\d): (\d+) gloo workers, registered (\w+), settled (\w+)", out)
+    lines = re.findall(r"rank (\d): (\d+) gloo workers, registered (True|False), settled (True|False)", out)
     assert sorted(rank for rank, *_ in lines) == ["0", "1"], out[-3000:]
     for _, workers, registered, settled in lines:
         assert int(workers) >= 2 and registered == "True" and settled == "True", out[-3000:]
