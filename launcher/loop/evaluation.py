@@ -8,8 +8,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
-from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
 from launcher.data.sampling import find_elastic_sampler, iterate
+from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
     UnpackBatch,
