@@ -197,3 +197,28 @@ def test_language_model_job_trains_on_two_nodes(cluster, tmp_path):
     info = json.loads((run / "config.json").read_text())["run_info"]
     assert (info["num_nodes"], info["procs_per_node"]) == (2, 1)
     assert "sample of the final weights" in read_log(log)
+
+
+def test_env_from_host_reaches_the_job_on_every_node_and_never_the_script(cluster, tmp_path):
+    """`--env-from-host NAME`: the value travels in the environment sbatch copies into the job (--export=ALL);
+    the script kept under the log dir names the variable only."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, pathlib, sys\n"
+                     "out = pathlib.Path(sys.argv[sys.argv.index('--output-dir') + 1])\n"
+                     "out.mkdir(parents=True, exist_ok=True)\n"
+                     "value = os.environ.get('LAUNCHER_PROBE_TOKEN', '<unset>')\n"
+                     "(out / f\"seen-by-rank-{os.environ.get('RANK', '0')}\").write_text(value)\n")
+    run = tmp_path / "run"
+    secret = f"tok-{time.time_ns()}"
+    job_id, _ = submit({**cluster, "LAUNCHER_PROBE_TOKEN": secret},
+                       ["--nodes", "2", "--output-dir", str(run), "--env-from-host", "LAUNCHER_PROBE_TOKEN"],
+                       [str(probe)])
+    log = run / "slurm" / f"probe-{job_id}.out"
+    [record] = wait_job(cluster, job_id, 180, log)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", read_log(log)[-4000:]
+    assert {p.name: p.read_text() for p in run.glob("seen-by-rank-*")} == {
+        "seen-by-rank-0": secret, "seen-by-rank-1": secret}  # both nodes' processes
+    script = run / "slurm" / f"probe-{job_id}.sbatch"
+    assert "LAUNCHER_PROBE_TOKEN" in script.read_text() and secret not in script.read_text()
+    assert secret not in read_log(log)
+    assert oct(script.stat().st_mode & 0o777) == "0o600"

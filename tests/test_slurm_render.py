@@ -45,6 +45,9 @@ CASES = {
                    "--", "recipes/classify.py", "--epochs", "2"],
     # Seeds as an array, default output dir (job name + submission time), default setup.
     "seeds_array": ["--array", "0-2", "--", "recipes/classify.py", "--epochs", "2"],
+    # Secrets from the submitting environment: their names are in the script, their values never (issue 29).
+    "env_from_host": ["--nodes", "2", "--output-dir", "runs/secret", "--env-from-host", "HF_TOKEN",
+                      "--env-from-host", "WANDB_API_KEY", "--", "recipes/classify.py"],
 }
 
 

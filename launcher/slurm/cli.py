@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.errors import UsageError
-from launcher.slurm.options import SubmitOptions, array_tasks, check, default_setup, parse_sweep, resolve
+from launcher.slurm.options import (
+    SubmitOptions,
+    array_tasks,
+    check,
+    check_one_line,
+    default_setup,
+    parse_sweep,
+    resolve,
+)
 from launcher.slurm.render import render_sbatch
 
 
@@ -55,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ints = {"nodes", "gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace", "max_requeues",
             "max_restarts"}
     floats = {"collective_timeout", "init_timeout"}
-    repeatable = {"setup", "env", "sweep"}
+    repeatable = {"setup", "env", "env_from_host", "sweep"}
     for f in dataclasses.fields(SubmitOptions):  # in the dataclass's order, with its help and defaults
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("script", "script_args"):
@@ -83,6 +91,9 @@ def parse_submit_args(argv: Sequence[str]) -> SubmitOptions:
         ours, script = argv[:split], argv[split + 1:]
     else:
         ours, script = argv, []
+    # Every value, before argparse reads it: int("2\n") is 2, and a newline must not slip through anywhere.
+    for i in range(len(ours)):
+        check_one_line(*_option_and_value(ours, i))
     values = vars(build_parser().parse_args(ours))
     if not script:
         raise UsageError("missing the training script: put it after `--`, e.g. "
@@ -99,9 +110,23 @@ def parse_submit_args(argv: Sequence[str]) -> SubmitOptions:
         values["sweep"] = tuple(parse_sweep(s) for s in values["sweep"])
     if "setup" in values:
         values["setup"] = tuple(values["setup"])
+    if "env_from_host" in values:
+        values["env_from_host"] = tuple(values["env_from_host"])
     options = SubmitOptions(script=script[0], script_args=tuple(script[1:]), **values)
     check(options)
     return options
+
+
+def _option_and_value(args: Sequence[str], i: int) -> tuple[str, str]:
+    """args[i] as (option, value) for a message: `--mem=4G` and `--mem 4G` give ('--mem', '4G')."""
+    arg = args[i]
+    flag, eq, value = arg.partition("=")
+    if arg.startswith("-") and eq and flag.isprintable():
+        return flag, value
+    previous = args[i - 1].partition("=")[0] if i else ""
+    if not arg.startswith("-") and previous.startswith("-") and previous.isprintable():
+        return previous, arg
+    return "an option", arg
 
 
 def _project_configs_dir() -> str | None:
@@ -132,6 +157,10 @@ def submit_main(argv: Sequence[str]) -> int:
                          "after `--` (relative paths start from --workdir, default: the current directory)")
     if options.accelerate_config and not Path(options.accelerate_config).is_file():
         raise UsageError(f"accelerate config {options.accelerate_config} not found; check --accelerate-config")
+    for name in options.env_from_host:
+        if name not in os.environ:
+            raise UsageError(f"--env-from-host {name}: {name} is not set here; export it before launcher submit "
+                             "(the job gets the value from this environment)")
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UsageError("sbatch not found: run launcher submit on a SLURM login node (or use --dry-run to "
@@ -140,8 +169,13 @@ def submit_main(argv: Sequence[str]) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     # Saved before submitting (sbatch reads it); renamed after the job id once SLURM has given one.
     pending = log_dir / f"{options.job_name}-pending-{os.getpid()}.sbatch"
-    pending.write_text(script)
-    result = subprocess.run([sbatch, "--parsable", str(pending)], check=False, capture_output=True, text=True)
+    _write_private(pending, script)
+    # --env-from-host: the values travel in the environment sbatch copies into the job (--export=ALL, also
+    # rendered as #SBATCH --export=ALL). Given here too, because a command-line option beats an SBATCH_EXPORT
+    # in the environment, which beats the #SBATCH line.
+    export = ["--export=ALL"] if options.env_from_host else []
+    result = subprocess.run([sbatch, "--parsable", *export, str(pending)], check=False, capture_output=True,
+                            text=True)
     if result.returncode != 0:
         pending.unlink(missing_ok=True)
         message = (result.stderr.strip() or result.stdout.strip()).splitlines()
@@ -153,6 +187,18 @@ def submit_main(argv: Sequence[str]) -> int:
     pending.rename(saved)
     print(describe_submission(options, job_id, saved))
     return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a new file readable by its owner alone (0600), whatever the umask.
+
+    The script holds the --env values and --setup lines, which may be more private than the logs beside
+    it (secret-looking names are refused, but not every private value has such a name). O_EXCL: never
+    write through a file or link that is already there.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def describe_submission(options: SubmitOptions, job_id: str, script_path: Path) -> str:

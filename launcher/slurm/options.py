@@ -66,7 +66,11 @@ class SubmitOptions:
     setup: tuple[str, ...] | None = _opt(None, "shell line run before training, e.g. 'module load cuda' "
                                                "(repeatable; default: activate the current Python "
                                                "environment)", "LINE")
-    env: tuple[tuple[str, str], ...] = _opt((), "environment variable for the job (repeatable)", "KEY=VALUE")
+    env: tuple[tuple[str, str], ...] = _opt((), "environment variable for the job, written into the script "
+                                                "(repeatable; secrets: use --env-from-host)", "KEY=VALUE")
+    env_from_host: tuple[str, ...] = _opt((), "pass this variable from the submitting environment to the job "
+                                              "without writing its value into the script, e.g. HF_TOKEN "
+                                              "(repeatable)", "NAME")
     # preemption
     signal_grace: int = _opt(120, "seconds before the time limit at which SLURM warns the job (USR1) so it "
                                   "can checkpoint and requeue itself", "SECONDS")
@@ -155,6 +159,17 @@ def resolve(options: SubmitOptions, *, cwd: str, now: float, setup: Sequence[str
         accelerate_config = str(candidate) if candidate.exists() else None
     elif accelerate_config is not None:
         accelerate_config = str(workdir / accelerate_config)
+    # The defaults come from the current directory and the job name: checked as the paths they become.
+    given = "choose a folder without '%'"
+    default = "pass --output-dir without '%' (or a job name without it)"
+    if options.workdir:
+        check_path("--workdir", str(workdir), given)
+    else:
+        check_path("the current directory (the default --workdir)", str(workdir), "pass --workdir without '%'")
+    check_path("--output-dir" if options.output_dir else "the default --output-dir", str(output_dir),
+               given if options.output_dir else default)
+    check_path("--log-dir" if options.log_dir else "the default --log-dir", str(log_dir),
+               given if options.log_dir else default)
     return dataclasses.replace(
         options,
         job_name=job_name,
@@ -172,15 +187,79 @@ def _normal(path: Path) -> str:
     return os.path.normpath(str(path))
 
 
-_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-_MEM_RE = re.compile(r"^\d+[KMGT]?$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SWEEP_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# Every pattern is applied with fullmatch: `re.match("...$")` also accepts the value followed by a newline
+# (`$` matches before a final "\n"), which then lands in the script as a line of its own.
+_TIME_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_MEM_RE = re.compile(r"\d+[KMGT]?")
+_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SWEEP_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+# Newline, CR, NUL and the other control characters (tab aside): none belongs in any value the script is made
+# of. A newline in a #SBATCH value or a name ends the line there and starts another one.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# --env names that look like credentials. Their values would sit in clear text in the script kept under the
+# log dir, so --env refuses them and names --env-from-host, which carries the value without writing it.
+_SECRET_NAME_RE = re.compile(r".*_KEY|.*TOKEN.*|.*SECRET.*|.*PASSWORD.*|.*PASSWD.*|.*CREDENTIAL.*")
+# Names the pattern catches that hold no secret (a tokenizer setting, not a token).
+_NOT_SECRET_NAMES = frozenset({"TOKENIZERS_PARALLELISM"})
+# An assignment in a --setup line (`export HF_TOKEN=...`, `HF_TOKEN=... cmd`): the name it sets.
+_SETUP_ASSIGNMENT_RE = re.compile(r"(?:^|[\s;&|(])(?:export\s+|declare\s+-x\s+)?([A-Za-z_][A-Za-z0-9_]*)\+?=")
+
+
+def looks_like_secret(name: str) -> bool:
+    """True for variable names such as HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, DB_PASSWORD."""
+    upper = name.upper()
+    return upper not in _NOT_SECRET_NAMES and _SECRET_NAME_RE.fullmatch(upper) is not None
+
+
+def check_one_line(field: str, value: str) -> None:
+    """Refuse a value with a newline, CR, NUL or another control character, naming its field."""
+    if _CONTROL_RE.search(value):
+        raise UsageError(f"{field} {value!r} contains a newline, carriage return or other control character; "
+                         "give it on one line without them")
+
+
+def check_path(field: str, value: str, fix: str = "choose a folder without '%'") -> None:
+    """A folder the job's #SBATCH lines see (or that one of them is derived from): one line, and no '%'.
+
+    SLURM expands filename patterns (%j, %x, %A, ...) in #SBATCH --output, but the script uses the same folder
+    literally (the fault file, the printed log path): a '%' would name two different folders. Escaping it as
+    '%%' in the #SBATCH lines alone would work for SLURM but not for `sbatch` on the saved script by a user
+    who edits it, nor for the paths we print; refusing is one rule that holds everywhere.
+    """
+    check_one_line(field, value)
+    if "%" in value:
+        raise UsageError(f"{field} {value!r} contains '%', which SLURM expands in #SBATCH --output (%j, %x, ...) "
+                         f"but the script uses literally; {fix}")
+
+
+def check_text_fields(options: SubmitOptions) -> None:
+    """Every text the script is made of, one line each: the refusals name the field and the fix."""
+    named: list[tuple[str, str | None]] = [
+        ("the training script (after `--`)", options.script),
+        ("--mem", options.mem), ("--time", options.time), ("--partition", options.partition),
+        ("--account", options.account), ("--qos", options.qos), ("--constraint", options.constraint),
+        ("--job-name", options.job_name), ("--accelerate-config", options.accelerate_config),
+        ("--array", options.array),
+    ]
+    named += [("a script argument (after `--`)", arg) for arg in options.script_args]
+    named += [("--setup", line) for line in options.setup or ()]
+    named += [("--env", key) for key, _ in options.env]
+    named += [(f"--env {key}=", value) for key, value in options.env]
+    named += [("--env-from-host", name) for name in options.env_from_host]
+    named += [("--sweep", key) for key, _ in options.sweep]
+    named += [(f"--sweep {key}=", value) for key, values in options.sweep for value in values]
+    for name, value in named:
+        if value is not None:
+            check_one_line(name, value)
+    for name, value in (("--workdir", options.workdir), ("--output-dir", options.output_dir),
+                         ("--log-dir", options.log_dir)):
+        if value is not None:
+            check_path(name, value)
 
 
 def time_limit_seconds(text: str) -> int:
     """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    match = _TIME_RE.match(text)
+    match = _TIME_RE.fullmatch(text)
     if not match:
         raise UsageError(f"--time {text!r} is not a SLURM time; use e.g. 90 (minutes), 4:00:00 or 2-00:00:00")
     days, a, b, c = match.groups()
@@ -205,6 +284,7 @@ def check(options: SubmitOptions) -> None:
     if not options.script:
         raise UsageError("missing the training script: put it after `--`, e.g. "
                          "launcher submit --nodes 2 -- recipes/classify.py --epochs 10")
+    check_text_fields(options)
     if options.nodes < 1:
         raise UsageError(f"--nodes must be at least 1 (got {options.nodes})")
     if options.gpus_per_node < 0:
@@ -219,7 +299,7 @@ def check(options: SubmitOptions) -> None:
     if options.cpus_per_task is not None and options.cpus_per_task < options.processes_per_node:
         raise UsageError(f"--cpus-per-task {options.cpus_per_task} is fewer than the "
                          f"{options.processes_per_node} training processes per node; give each at least one CPU")
-    if options.mem is not None and not _MEM_RE.match(options.mem):
+    if options.mem is not None and not _MEM_RE.fullmatch(options.mem):
         raise UsageError(f"--mem {options.mem!r} is not a SLURM size; use e.g. 64G or 16000M")
     limit = time_limit_seconds(options.time)
     if limit < 60:
@@ -248,11 +328,25 @@ def check(options: SubmitOptions) -> None:
     if options.job_name is not None and "/" in options.job_name:
         raise UsageError(f"--job-name {options.job_name!r} cannot contain '/': it names the log files")
     for key, _ in options.env:
-        if not _ENV_KEY_RE.match(key):
+        if not _ENV_KEY_RE.fullmatch(key):
             raise UsageError(f"--env {key!r}: the name must be a shell variable name (letters, digits, _)")
+        if looks_like_secret(key):
+            # Refused, not warned about: a warning scrolls by, the script with the value stays on disk.
+            raise UsageError(f"--env {key}=...: {key} looks like a secret, and --env writes its value into the "
+                             f"script kept under the log dir; export it and pass --env-from-host {key} instead")
+    for name in options.env_from_host:
+        if not _ENV_KEY_RE.fullmatch(name):
+            raise UsageError(f"--env-from-host {name!r}: the name must be a shell variable name (letters, digits, "
+                             "_), without a value")
+        if options.env_from_host.count(name) > 1:
+            raise UsageError(f"--env-from-host {name} is given twice; keep one")
+        if any(key == name for key, _ in options.env):
+            raise UsageError(f"{name} is given to --env and to --env-from-host; keep one")
     for line in options.setup or ():
-        if "\n" in line:
-            raise UsageError("--setup takes one line per flag; repeat --setup for several lines")
+        for name in _SETUP_ASSIGNMENT_RE.findall(line):
+            if looks_like_secret(name):
+                raise UsageError(f"--setup sets {name}, which looks like a secret, in the script kept under the "
+                                 f"log dir; export it and pass --env-from-host {name} instead")
     for flag in OWNED_SCRIPT_FLAGS:
         if _has_flag(options.script_args, flag):
             if flag == "--resume":
@@ -292,12 +386,12 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
 
 def parse_array(spec: str) -> tuple[list[int], int | None]:
     """SLURM array syntax: '0-3', '1,3,5', '0-15:4', with an optional '%N' limit on concurrent tasks."""
-    match = re.match(r"^([0-9,:\-]+)(?:%(\d+))?$", spec)
+    match = re.fullmatch(r"([0-9,:\-]+)(?:%(\d+))?", spec)
     if not match:
         raise UsageError(f"--array {spec!r} is not a SLURM array spec; use e.g. 0-3, 1,3,5 or 0-7%2")
     indices: set[int] = set()
     for item in match.group(1).split(","):
-        part = re.match(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$", item)
+        part = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", item)
         if not part:
             raise UsageError(f"--array {spec!r}: cannot read {item!r}; use N, N-M or N-M:STEP")
         first = int(part.group(1))
@@ -313,9 +407,10 @@ def parse_array(spec: str) -> tuple[list[int], int | None]:
 
 
 def parse_sweep(text: str) -> tuple[str, tuple[str, ...]]:
+    check_one_line("--sweep", text)  # before the values are stripped of their spaces (and newlines)
     key, sep, values = text.partition("=")
     key = key.strip()
-    if not sep or not _SWEEP_KEY_RE.match(key):
+    if not sep or not _SWEEP_KEY_RE.fullmatch(key):
         raise UsageError(f"--sweep {text!r} must look like KEY=V1,V2 (e.g. --sweep lr=0.1,0.01), KEY a script flag "
                          "without its dashes")
     items = tuple(v.strip() for v in values.split(","))

@@ -6,7 +6,14 @@ import re
 import shlex
 
 from launcher.errors import EXIT_HUNG, EXIT_PREEMPTED
-from launcher.slurm.options import SWEEP_GROUP_FLAG, SubmitOptions, _check_sbatch_value, array_tasks, parse_array
+from launcher.slurm.options import (
+    SWEEP_GROUP_FLAG,
+    SubmitOptions,
+    _check_sbatch_value,
+    array_tasks,
+    check_text_fields,
+    parse_array,
+)
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 # After a USR1, the batch shell signals the training again at this interval until it has stopped.
@@ -126,7 +133,7 @@ if [ "$stopped_by" = USR1 ] || { [ -n "$stopped_by" ] && [ "$forwarded" = 1 ]; }
     exit {{EXIT_PREEMPTED}}
 fi
 if [ "$status" != 0 ] && [ -s "$LAUNCHER_FAULT_FILE" ]; then
-    # A rank stopped making progress; the watchdog of a live rank named it (launcher.watchdog).
+    # A rank stopped making progress; the watchdog of a live rank named it (launcher.faults.watchdog).
     cat "$LAUNCHER_FAULT_FILE" >&2
     rm -f "$LAUNCHER_FAULT_FILE"
     echo "launcher: job failed: a rank stopped making progress (exit {{EXIT_HUNG}})" >&2
@@ -152,6 +159,7 @@ def render_sbatch(options: SubmitOptions) -> str:
     o = options
     if o.output_dir is None or o.log_dir is None or o.workdir is None or o.job_name is None or o.setup is None:
         raise ValueError("render_sbatch needs resolved options: call resolve() first")
+    check_text_fields(o)  # one line each, no '%' in the paths: also for options built without check()
     q = shlex.quote
     procs = o.processes_per_node
     cpus = o.cpus
@@ -184,8 +192,17 @@ def render_sbatch(options: SubmitOptions) -> str:
         "#SBATCH --requeue",
         f"#SBATCH --signal=B:USR1@{o.signal_grace}",
     ]
+    if o.env_from_host:
+        # sbatch's default, made explicit: the job gets the submitting environment, --env-from-host's values too.
+        header.append("#SBATCH --export=ALL")
 
     environment = [*o.setup, *(f"export {key}={q(value)}" for key, value in o.env)]
+    if o.env_from_host:
+        environment.append("# --env-from-host: the values come from the environment launcher submit ran in "
+                           "(sbatch --export=ALL), not from this file")
+    for name in o.env_from_host:
+        environment.append(f'export {name}="${{{name}?launcher: --env-from-host {name} is not set in the job '
+                           'environment; export it and submit again}"')
     if o.gpus_per_node == 0:
         environment.append("export ACCELERATE_USE_CPU=true  # CPU nodes: every process joins a gloo group")
     else:
@@ -250,7 +267,7 @@ def _accelerate_command(o: SubmitOptions) -> str:
     elif o.num_processes == 1 and o.gpus_per_node == 0:
         parts.append("--cpu")
     if o.max_restarts:
-        # A failed worker makes torchrun restart this node's workers (launcher.elastic makes the restarted
+        # A failed worker makes torchrun restart this node's workers (launcher.faults.elastic makes the restarted
         # ones find each other); srun only sees a failure once the restarts are used up.
         parts.append(f"--max_restarts {o.max_restarts}")
     # One option group per line, continued with backslashes, so the README can point at each.
