@@ -139,6 +139,9 @@ class TrainConfig:
                                          "prediction, probabilities) to this .parquet file", relaunch="launch")
     force: bool = _opt(False, "train even when another live run holds --output-dir (its claim is broken, "
                               "with a warning; see docs/faults.md)", relaunch="launch")
+    accept_data_change: bool = _opt(False, "relaunch on data that changed under the same --dataset since the run "
+                                           "started (refused otherwise); the change is recorded in config.json "
+                                           "(docs/relaunch.md)", relaunch="launch")
     log_every: int = _opt(50, "log the training loss every N optimizer steps")
     # faults
     collective_timeout: float = _opt(DEFAULT_COLLECTIVE_TIMEOUT,

@@ -11,6 +11,10 @@ with what was given now, following the key's `relaunch` rule in launcher.config 
   because the position inside an epoch is counted in batches of the old size;
 - launch keys (output dir, resume, eval-only) say how this launch starts and are never compared.
 
+The data itself is compared too: a fingerprint of it (launcher.data.fingerprint: file sizes and times, an
+embedded dataset's version, a Hub revision) is stored beside the config, and a relaunch on data that changed
+under the same --dataset is refused unless --accept-data-change, whose use is recorded (`data_changes`).
+
 Rank 0 alone decides which checkpoint to resume and broadcasts it: nodes whose view of a shared file system
 differs (NFS attribute caching after a requeue) still load the same checkpoint.
 """
@@ -31,6 +35,7 @@ from launcher.config import TrainConfig, relaunch_rule
 from launcher.errors import UsageError
 
 ABANDONED_PREFIX = "abandoned-"
+DATA_KEY, DATA_CHANGES_KEY = "data", "data_changes"  # beside "config" and "run_info" in config.json/checkpoints
 
 
 def choose_checkpoint(resume: str, output_dir: Path) -> Path | None:
@@ -149,3 +154,41 @@ def describe_abandoned(folder: Path, checkpoint: Path) -> str:
 def is_epoch_end(state: dict[str, Any]) -> bool:
     """A checkpoint saved at an epoch boundary (nothing of the next epoch trained yet)."""
     return not state.get("batches_done") and not state.get("samples_done")
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data under --dataset (its fingerprint: launcher.data.fingerprint; launcher.loop.launch joins the two)
+
+
+def stored_data(state: dict[str, Any]) -> tuple[dict[str, Any] | None, list]:
+    """(the data fingerprint the checkpoint's run recorded, or None; the data changes it accepted so far)."""
+    stored = state.get("config") or {}
+    if not isinstance(stored, dict):
+        return None, []
+    return stored.get(DATA_KEY), list(stored.get(DATA_CHANGES_KEY) or [])
+
+
+def check_data(config: TrainConfig, change: str | None, checkpoint: Path) -> str | None:
+    """A relaunch on data that changed since the run recorded it (`change`, in a few words) is refused with one
+    line (UsageError), unless --accept-data-change; returns the notice line of an accepted change."""
+    if change is None:
+        return None
+    if not getattr(config, "accept_data_change", False):
+        raise UsageError(f"data at {config.dataset} changed since the run started ({change}; recorded in "
+                         f"{checkpoint}); relaunch with --accept-data-change to train on the new data knowingly, "
+                         f"or use a new --output-dir")
+    return (f"relaunch: data at {config.dataset} changed since the run started ({change}); --accept-data-change: "
+            f"training on the new data, recorded in config.json ({DATA_CHANGES_KEY})")
+
+
+def data_record(config: TrainConfig, current: dict[str, Any], previous: dict[str, Any] | None, changes: list,
+                change: str | None) -> dict[str, Any]:
+    """What config.json and every checkpoint store about the data: this launch's fingerprint, and each change
+    accepted so far with its time, the fingerprints before and after (without their per-file entries)."""
+    if change is not None:
+        brief = {k: v for k, v in (previous or {}).items() if k != "entries"}
+        changes = [*changes, {"accepted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dataset": config.dataset,
+                              "change": change, "from": brief,
+                              "to": {k: v for k, v in current.items() if k != "entries"}}]
+    return {DATA_KEY: current, DATA_CHANGES_KEY: changes}

@@ -27,10 +27,11 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from launcher.checkpoint import loadable_checkpoint, read_trainer_state, write_json_atomic
-from launcher.checkpoint.relaunch import choose_checkpoint, describe_abandoned, is_epoch_end, reconcile, \
-    set_aside_newer, stored_config
+from launcher.checkpoint.relaunch import check_data, choose_checkpoint, data_record, describe_abandoned, \
+    is_epoch_end, reconcile, set_aside_newer, stored_config, stored_data
 from launcher.checkpoint.sharded import is_sharded_checkpoint
 from launcher.config import TrainConfig, parse_values
+from launcher.data.fingerprint import data_change, forget_launch_fingerprints, launch_fingerprint
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 from launcher.faults.lease import claim_for_ranks
 from launcher.faults.write_failures import main_writes
@@ -57,7 +58,11 @@ def relaunch(given: dict, config: TrainConfig, output_dir: Path) -> tuple[TrainC
     stored, state = stored_config(checkpoint)
     config, notices = reconcile(given, stored, checkpoint=checkpoint, mid_epoch=not is_epoch_end(state),
                                 eval_only=config.eval_only, cls=type(config))
-    for line in notices:
+    previous, _ = stored_data(state)  # data changed under the same --dataset: refused unless accepted
+    if previous:
+        notices.append(check_data(config, data_change(previous, launch_fingerprint(
+            config.dataset, config.dataset_config)), checkpoint))
+    for line in filter(None, notices):
         PartialState().print(line)
     return config, checkpoint, state
 
@@ -94,11 +99,17 @@ def open_run(config: TrainConfig, accelerator: Any, output_dir: Path, checkpoint
         is_main=accelerator.is_main_process)
     if loadable != checkpoint:
         checkpoint, resumed = loadable, read_trainer_state(loadable) if loadable else {}
+    previous, changes = stored_data(resumed)  # a Hub revision that loading moved is refused here, unwritten
+    current = launch_fingerprint(config.dataset, config.dataset_config, again=True)
+    change = data_change(previous, current)
+    if checkpoint is not None:
+        check_data(config, change, checkpoint)
     checkpoint = branch_from(config, checkpoint, output_dir)
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info,
                             resume_run_id=resumed.get("extra", {}).get("wandb_run_id"),
                             history=resumed.get("history"))
-    stored = {"config": config.to_dict(), "run_info": info}
+    stored = {"config": config.to_dict(), "run_info": info,
+              **data_record(config, current, previous, changes, change)}
     main_writes(accelerator.is_main_process, output_dir, "config.json",
                 lambda: write_json_atomic(output_dir / "config.json", stored))
     accelerator.print(f"distributed: {info['distributed_type']}, {info['world_size']} processes on "
@@ -120,6 +131,7 @@ def launch(body: Body, argv: list[str] | None, *, cls: type = TrainConfig, descr
     # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
     lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
                                                           force=config.force)
+    forget_launch_fingerprints()  # the data's fingerprint is taken once per launch (docs/relaunch.md)
     try:
         body(given, config, output_dir, lease)
     finally:
