@@ -153,17 +153,32 @@ def test_batches_per_epoch_does_not_depend_on_the_position():
     assert ElasticBatchSampler(100, 16, world_size=3, drop_last=True).batches_per_epoch == 2
 
 
-def test_evaluation_loaders_skip_empty_shares_training_loaders_keep_them():
-    """7 samples, 2 per rank, 3 ranks: the second global batch has 1 sample. Training yields an empty batch
-    on ranks 1 and 2 (every rank takes part in each step); evaluation skips it (no per-batch collective)."""
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 8, 13])
+def test_evaluation_loaders_pad_every_share_to_the_batch_size_and_say_what_is_real(n, world):
+    """Every rank yields the same number of batches, each of exactly the batch size (a sharded model's ranks
+    run the same forward passes on the same shapes); the real samples of all ranks are each sample once, in
+    order, and `real_samples` names them. Training keeps short (or empty) shares instead."""
     from launcher.data.sampling import ElasticBatchSampler
 
-    for rank, expected in ((0, [[0, 1], [6]]), (1, [[2, 3]]), (2, [[4, 5]])):
-        train = ElasticBatchSampler(7, 2, rank=rank, world_size=3, shuffle=False)
-        evaluation = ElasticBatchSampler(7, 2, rank=rank, world_size=3, shuffle=False, skip_empty=True)
-        assert [list(b) for b in evaluation] == expected and len(evaluation) == len(expected)
-        assert len(train) == len(list(train)) == 2
-        assert sum(len(b) for b in train) == sum(len(b) for b in evaluation)
+    batch = 3
+    real_ids, counts = [], set()
+    for rank in range(world):
+        evaluation = ElasticBatchSampler(n, batch, rank=rank, world_size=world, shuffle=False, pad=True)
+        batches = [list(b) for b in evaluation]
+        counts.add(len(batches))
+        assert len(batches) == len(evaluation) == -(-n // (batch * world))
+        assert all(len(b) == batch for b in batches)
+        for k, ids in enumerate(batches):
+            real = evaluation.real_samples(k)
+            real_ids.append((k, rank, ids if real is None else ids[:real]))
+            if real is not None:
+                assert ids[real:] == [0] * (batch - real)  # padding: copies of sample 0
+        train = ElasticBatchSampler(n, batch, rank=rank, world_size=world, shuffle=False)
+        assert len(list(train)) == len(evaluation)
+    assert len(counts) == 1
+    in_order = [i for _, _, ids in sorted(real_ids, key=lambda t: (t[0], t[1])) for i in ids]
+    assert in_order == list(range(n))
 
 
 def test_below_the_limit_the_order_is_randperm_byte_for_byte():

@@ -49,10 +49,10 @@ def make_loader(
 
     if rank is None or world_size is None:
         rank, world_size = _rank_and_world_size()
-    # An unshuffled loader is an evaluation loader: nothing runs per batch across ranks there, so a rank
-    # with no sample in the last global batch skips it (a model never sees an empty evaluation batch).
+    # An unshuffled loader is an evaluation loader: its last batch is padded to the batch size on every rank
+    # (never counted), so every rank runs the same forward passes on the same shapes (launcher.data.sampling).
     sampler = ElasticBatchSampler(len(ds), batch_size, rank=rank, world_size=world_size, seed=seed,
-                                  shuffle=shuffle, drop_last=drop_last, skip_empty=not shuffle)
+                                  shuffle=shuffle, drop_last=drop_last, pad=not shuffle)
     return DataLoader(
         ds,
         batch_sampler=sampler,

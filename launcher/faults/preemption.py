@@ -46,6 +46,15 @@ class PreemptionWatch:
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._signals = {int(s) for s in signals}
+        # Python runs a handler only between bytecodes of the main thread, never while it is blocked in a
+        # collective; its C-level handler still writes the signal's number to the wakeup fd, which the
+        # watchdog's thread reads (`poll`) to bound the wait for a step boundary (launcher.faults.watchdog).
+        self._wakeup_read, wakeup_write = os.pipe()
+        os.set_blocking(self._wakeup_read, False)
+        os.set_blocking(wakeup_write, False)
+        self._wakeup_write = wakeup_write
+        self._previous_wakeup = signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
         self.interval_s = interval_s if interval_s is not None else float(
             os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
         self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -59,6 +68,15 @@ class PreemptionWatch:
         self._countdown = 1
         self._last_vote: float | None = None
         self.votes = 0  # collectives started (bench/scale.py counts them too)
+
+    def poll(self) -> str | None:
+        """The name of a preemption signal that arrived since the last call, read without waiting (any thread)."""
+        try:
+            data = os.read(self._wakeup_read, 512)
+        except (BlockingIOError, OSError):
+            return None
+        mine = [b for b in data if b in self._signals]
+        return signal.Signals(mine[0]).name if mine else None
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         # Nothing else here: no I/O, no locks, no collectives (a second signal just lands here again).
@@ -98,3 +116,8 @@ class PreemptionWatch:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if self._wakeup_write is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            for fd in (self._wakeup_read, self._wakeup_write):
+                os.close(fd)
+            self._wakeup_write = None

@@ -89,6 +89,16 @@ class NoWatchdog:
     def slow(self) -> Iterator[None]:
         yield
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        yield
+
+    def tick(self) -> None:
+        pass
+
+    def watch_signals(self, preemption: Any) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -110,6 +120,13 @@ class Watchdog(NoWatchdog):
             else None
         # The phase's bound; written by the main thread at phase changes only, read by the thread.
         self._bound, self._since, self._warm = timeouts.init, time.monotonic(), False
+        self.ticks = 0  # evaluation batches done: progress the thread sees beside the loop's position
+        self._phase = "start-up"
+        self._preemption: Any = None  # a PreemptionWatch whose signals bound every phase but a save
+        self._signalled: tuple[float, str] | None = None
+        # A torchrun worker whose agent is gone (`accelerate launch` killed) is reparented: it ends itself
+        # instead of living on as an orphan, hung in a collective with its peers.
+        self._parent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
         self._group = None
         self.peers: list[tuple[str, int]] = [(self.host, os.getpid())]
         if distributed:
@@ -129,20 +146,43 @@ class Watchdog(NoWatchdog):
 
     def training(self) -> None:
         """Steps follow: bounded by the collective timeout (once the first step has been made)."""
-        self._set_phase(self.timeouts.collective)
+        self._set_phase(self.timeouts.collective, "training")
 
     @contextlib.contextmanager
-    def slow(self) -> Iterator[None]:
-        """Validation, a checkpoint write: bounded by the init timeout."""
-        previous = self._bound
-        self._set_phase(self.timeouts.init)
+    def slow(self, phase: str = "checkpoint") -> Iterator[None]:
+        """A checkpoint write, the final save: bounded by the init timeout."""
+        previous = self._bound, self._phase
+        self._set_phase(self.timeouts.init, phase)
         try:
             yield
         finally:
-            self._set_phase(previous)
+            self._set_phase(*previous)
 
-    def _set_phase(self, bound: float) -> None:
-        self._bound, self._since = bound, time.monotonic()
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Validation, evaluation, prediction: each batch (`tick`) is bounded by the collective timeout like a
+        training step, the first one too (the same bound on every rank, so that all of them fire together and
+        meet at the monitored barrier; a compilation gets the init timeout as in training)."""
+        previous = self._bound, self._phase
+        self._set_phase(self.timeouts.collective, "evaluation")
+        try:
+            yield
+        finally:
+            self._set_phase(*previous)
+
+    def tick(self) -> None:
+        """An evaluation batch is done (the main thread, once per batch: one increment)."""
+        self.ticks += 1
+
+    def watch_signals(self, preemption: Any) -> None:
+        """Bound the wait for a step boundary after SIGTERM/SIGUSR1: a main thread blocked in a collective never
+        runs the Python signal handler, so the preemption never comes; this thread reads the signal from the
+        handler's wakeup pipe (`PreemptionWatch.poll`) and, outside a checkpoint write, ends the job once no
+        progress was made for the collective timeout since the signal."""
+        self._preemption = preemption
+
+    def _set_phase(self, bound: float, phase: str) -> None:
+        self._bound, self._since, self._phase = bound, time.monotonic(), phase
         if self._group is None:
             return
         # The group's own timeout backs the watchdog up, a little later than it fires.
@@ -162,11 +202,24 @@ class Watchdog(NoWatchdog):
     # ---------------------------------------------------------------- the watchdog thread
 
     def _watch(self) -> None:
-        last, changed, compiling = self.progress(), time.monotonic(), False
+        last, changed, compiling = (self.progress(), self.ticks), time.monotonic(), False
         while not self._stop.wait(self.timeouts.poll):
-            now, current = time.monotonic(), self.progress()
+            now, current = time.monotonic(), (self.progress(), self.ticks)
             if current != last:
                 last, changed, self._warm = current, now, True
+            if self._parent is not None and os.getppid() != self._parent:
+                self._orphaned()
+            if self._preemption is not None and self._signalled is None:
+                signalled = self._preemption.poll()
+                if signalled is not None:
+                    self._signalled = (now, signalled)
+            if self._signalled is not None and self._phase not in ("checkpoint", "final save"):
+                at, name = self._signalled
+                stalled = now - max(changed, at, self._since)
+                if stalled > self.timeouts.collective and not self._stop.is_set():
+                    self._fire(stalled, current[0], f"{name} arrived {now - at:.0f} s ago and found no step "
+                                                    f"boundary")
+                    return
             if self._warm and _compiling() != compiling:
                 compiling = not compiling
                 self._count_compiling(1 if compiling else -1)
@@ -175,8 +228,14 @@ class Watchdog(NoWatchdog):
             if bound < stalled <= self.timeouts.init and (compiling or self._count_compiling(0) > 0):
                 continue  # a recompilation (a new shape) takes a start-up's time, not a step's, on any rank
             if stalled > bound and not self._stop.is_set():
-                self._fire(stalled, current)
+                self._fire(stalled, current[0])
                 return
+
+    def _orphaned(self) -> None:
+        print(f"launcher: rank {self.rank} on {self.host} (pid {os.getpid()}): its launcher (pid {self._parent}) "
+              f"is gone; ending this worker instead of leaving it behind (exit {EXIT_HUNG})",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_HUNG)
 
     def _count_compiling(self, change: int) -> int:
         """How many ranks are compiling (after adding `change`): one store counter, touched only when a rank
@@ -193,7 +252,7 @@ class Watchdog(NoWatchdog):
         except Exception:  # noqa: BLE001 - an unreachable store: the step bound applies
             return 0
 
-    def _fire(self, stalled: float, position: Any) -> None:
+    def _fire(self, stalled: float, position: Any, why: str = "") -> None:
         try:
             culprits, how = self._find_culprits()
         except Exception as err:  # noqa: BLE001 - whatever happens, the job must still end
@@ -208,9 +267,11 @@ class Watchdog(NoWatchdog):
         reporter = healthy[0] if healthy else min(culprits, default=self.rank)
         if self.rank == reporter:
             named = ", ".join(f"rank {r} on {self.peers[r][0]} (pid {self.peers[r][1]})" for r in culprits)
-            line = (f"launcher: {named or 'no rank could be named'} stopped making progress: no training "
-                    f"step for {stalled:.0f} s (bound {self._bound:g} s, at position {position}); "
-                    f"{how}; ending the job (exit {EXIT_HUNG})")
+            bound = self.timeouts.collective if why else self._bound
+            line = (f"launcher: {named or 'no rank could be named'} stopped making progress: no "
+                    f"{self._phase} progress for {stalled:.0f} s (bound {bound:g} s, at position {position}"
+                    f"{f', evaluation batch {self.ticks}' if self._phase == 'evaluation' else ''}); "
+                    f"{why + '; ' if why else ''}{how}; ending the job (exit {EXIT_HUNG})")
             print(line, file=sys.stderr, flush=True)
             fault_file = os.environ.get(FAULT_FILE_ENV)
             if fault_file:

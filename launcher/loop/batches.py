@@ -141,7 +141,20 @@ def batch_losses(task: Task, unpack: UnpackBatch, loss_fn: Callable | str | None
             return BatchLoss(losses[0], losses[1], outputs, targets)
         return BatchLoss(losses, None, outputs, targets)
 
+    default.per_sample = True  # type: ignore[attr-defined]  # each sample's loss its own: padding drops after
     return default
+
+
+def head_of_batch(batch: Batch, n: int) -> Batch:
+    """The first `n` samples of a batch: every tensor with a batch dimension cut, in pairs, lists and mappings."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() else batch
+    if isinstance(batch, Mapping):
+        return {k: head_of_batch(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        values = [head_of_batch(v, n) for v in batch]
+        return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)  # a namedtuple too
+    return batch
 
 
 def per_sample_loss_fn(loss_fn: Callable) -> Callable:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from accelerate import Accelerator
@@ -10,11 +11,14 @@ from accelerate.utils import send_to_device
 
 from launcher.data.sampling import find_elastic_sampler, iterate
 from launcher.faults.gloo_exit import settle_gloo_workers_at_exit
+from launcher.faults.timeouts import Timeouts
+from launcher.faults.watchdog import NO_WATCHDOG, NoWatchdog, start_watchdog
 from launcher.loop.accelerator import make_accelerator
 from launcher.loop.batches import (
     UnpackBatch,
     batch_losses,
     default_unpack,
+    head_of_batch,
     last_batch_remainder,
     resolve_task,
     samples_in,
@@ -44,15 +48,31 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable | str |
     elastic = find_elastic_sampler(loader) is not None  # sharded by its sampler: Accelerate must not re-shard it
     if prepare:
         model, loader = (accelerator.prepare(model), loader) if elastic else accelerator.prepare(model, loader)
-    return _evaluate(model, loader, task, batch_losses(task, unpack_batch, loss_fn, step),
-                     MetricSet(metrics, accelerator.device), accelerator)
+    with bounded(accelerator) as watchdog, watchdog.evaluating():
+        return _evaluate(model, loader, task, batch_losses(task, unpack_batch, loss_fn, step),
+                         MetricSet(metrics, accelerator.device), accelerator, watchdog)
+
+
+@contextlib.contextmanager
+def bounded(accelerator: Accelerator) -> Iterator[NoWatchdog]:
+    """A watchdog for an evaluation or prediction outside `fit` (which has its own): a rank that stops making
+    progress ends the job within the accelerator's bounds (launcher.faults.watchdog), as in training."""
+    watchdog = start_watchdog(lambda: 0, getattr(accelerator, "launcher_timeouts", None) or Timeouts())
+    try:
+        yield watchdog
+    finally:
+        watchdog.close()
 
 
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, loader: Iterable, task: Task, compute: Callable[[Any, Any], BatchLoss],
-              metrics: MetricSet, accelerator: Accelerator) -> Any:
-    elastic = find_elastic_sampler(loader) is not None
+              metrics: MetricSet, accelerator: Accelerator, watchdog: NoWatchdog = NO_WATCHDOG) -> Any:
+    sampler = find_elastic_sampler(loader)
+    elastic = sampler is not None
     move = elastic and accelerator.device.type != "cpu"
+    # The task's own per-sample loss drops padding after the forward (the batch keeps its shape); a model's
+    # own mean loss or a custom step sees only the real samples of a padded batch.
+    drops_padding = getattr(compute, "per_sample", False)
     stats = task.stats(accelerator.device)
     metrics.reset()
     was_training = model.training
@@ -60,14 +80,23 @@ def _evaluate(model: torch.nn.Module, loader: Iterable, task: Task, compute: Cal
     # Without native AMP, accelerator.autocast() is a nullcontext; building it costs ~5 us per batch.
     autocast = accelerator.autocast if accelerator.native_amp else _no_autocast
     model.eval()
-    for batch in iterate(loader) if elastic else loader:
+    for k, batch in enumerate(iterate(loader) if elastic else loader):
+        real = sampler.real_samples(k) if elastic else None  # None: every sample; else the first `real`
+        if real and not drops_padding:
+            batch, real = head_of_batch(batch, real), None
         if move:
             batch = send_to_device(batch, accelerator.device, non_blocking=True)
         with autocast():
-            out = compute(model, batch)
-        is_last = getattr(loader, "end_of_dataloader", False)
+            out = compute(model, batch)  # a padded rank runs it too: a sharded model's ranks stay in step
+        watchdog.tick()
         n = samples_in(out)
-        valid = valid_in_batch(is_last, remainder, n, accelerator.process_index) if n is not None else None
+        if elastic:
+            valid = real
+            if valid == 0:
+                continue  # only padding (this rank's share of the last batch is empty): nothing counts
+        else:
+            is_last = getattr(loader, "end_of_dataloader", False)
+            valid = valid_in_batch(is_last, remainder, n, accelerator.process_index) if n is not None else None
         stats.add_batch(out, valid)
         if metrics:
             metrics.update(*task.metric_inputs(out.outputs, out.targets), valid)

@@ -10,6 +10,7 @@ from accelerate.utils import gather_object, send_to_device
 
 from launcher.data.sampling import find_elastic_sampler
 from launcher.loop.batches import UnpackBatch, default_unpack, forward
+from launcher.loop.evaluation import bounded
 from launcher.tasks.base import Task
 
 
@@ -33,15 +34,19 @@ def predict(model: torch.nn.Module, loader: Any, task: Task, *, accelerator: Acc
     columns: dict[str, list] = {"index": []}
     was_training = model.training
     model.eval()
-    for indices in loader.batch_sampler:
-        batch = collate(dataset.__getitems__(list(indices)))
-        if move:
-            batch = send_to_device(batch, accelerator.device, non_blocking=True)
-        inputs, targets = unpack_batch(batch)
-        rows = task.prediction_rows(forward(model, inputs), targets)
-        columns["index"].extend(int(i) for i in indices)
-        for name, values in rows.items():
-            columns.setdefault(name, []).extend(values)
+    with bounded(accelerator) as watchdog, watchdog.evaluating():
+        for k, indices in enumerate(loader.batch_sampler):
+            batch = collate(dataset.__getitems__(list(indices)))
+            if move:
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
+            inputs, targets = unpack_batch(batch)
+            rows = task.prediction_rows(forward(model, inputs), targets)  # padded ranks too: in step
+            watchdog.tick()
+            real = sampler.real_samples(k)  # a padded last batch: its real samples come first
+            real = len(indices) if real is None else real
+            columns["index"].extend(int(i) for i in indices[:real])
+            for name, values in rows.items():
+                columns.setdefault(name, []).extend(values[:real])
     model.train(was_training)
     names = list(columns)
     local = list(zip(*(columns[n] for n in names)))

@@ -192,6 +192,7 @@ def fit(
     watch = PreemptionWatch()
     timeouts = timeouts or getattr(accelerator, "launcher_timeouts", None) or Timeouts()
     run.watchdog = start_watchdog(lambda: (run.state.epoch, run.state.batches_done), timeouts)
+    run.watchdog.watch_signals(watch)
     exit_code = 1
     try:
         if run.output_dir is not None:
@@ -218,7 +219,7 @@ def fit(
                 _save(run, reason="preempted")
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
-            with run.watchdog.slow():
+            with run.watchdog.slow("validation"):  # its batches a step's bound each; its row's write, W&B: slow
                 row = _validate_and_record(run, val_loader, epoch)
             _check_finite(run, {"training": row["train_loss"], "validation": row["val_loss"]})  # row written
             stop_early = _update_best_and_patience(run, row, monitor, early_stopping)
@@ -236,7 +237,7 @@ def fit(
             if watch.should_stop() and run.state.epoch < epochs:
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
-        with run.watchdog.slow():
+        with run.watchdog.slow("final save"):
             _write_final(run)
         exit_code = 0
         return run.state.history
@@ -437,7 +438,8 @@ def _token_rates(run: FitRun, tokens_per_second: float) -> dict:
 def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
     acc, state = run.accelerator, run.state
     started = time.perf_counter()
-    val = _evaluate(run.model, val_loader, run.task, run.compute, run.metrics, acc)
+    with run.watchdog.evaluating():
+        val = _evaluate(run.model, val_loader, run.task, run.compute, run.metrics, acc, run.watchdog)
     row = {
         "epoch": epoch + 1,
         "step": state.global_step,
