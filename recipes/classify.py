@@ -43,11 +43,11 @@ from launcher.data import DataSplits, load_splits, make_loader
 from launcher.data.streaming import load_stream_splits
 from launcher.data.text import TextOptions
 from launcher.errors import UsageError
-from launcher.faults.write_failures import main_writes
 from launcher.loop import default_unpack, finite_or_none, forward, predict
 from launcher.loop import launch
 from launcher.loop.determinism import determinism_settings
 from launcher.loop.launch import open_run, relaunch
+from launcher.loop.outputs import eval_writes
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
@@ -175,15 +175,19 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     rows = None  # --predictions: every rank predicts its share; rank 0 writes them all, in the split's order
     if config.predictions:
         rows = predict(model, loader, task, accelerator=accelerator)
-        main_writes(accelerator.is_main_process, Path(config.predictions), "predictions",
-                    lambda: write_parquet_atomic(Path(config.predictions), rows))
-    if accelerator.is_main_process:
+        eval_writes(accelerator.is_main_process, Path(config.predictions), "predictions",
+                    lambda: write_parquet_atomic(Path(config.predictions), rows), flag="--predictions path")
+    row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
+
+    def write_eval() -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
         write_json_atomic(output_dir / "eval.json", {**row, "world_size": accelerator.num_processes,
                                                      "checkpoint": str(checkpoint),
                                                      "problem_type": data.problem_type,
                                                      "class_names": list(data.class_names)})
+
+    eval_writes(accelerator.is_main_process, output_dir / "eval.json", "eval.json", write_eval, flag="--output-dir")
+    if accelerator.is_main_process:
         shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
         print(f"eval of {checkpoint}: {shown} on {metrics.samples} samples -> {output_dir / 'eval.json'}"
               + (f", predictions -> {config.predictions}" if config.predictions else ""))

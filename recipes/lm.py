@@ -38,6 +38,7 @@ from launcher.errors import UsageError
 from launcher.loop import finite_or_none, launch
 from launcher.loop.determinism import determinism_settings
 from launcher.loop.launch import open_run, relaunch
+from launcher.loop.outputs import eval_writes
 from launcher.models import hf
 from launcher.models.gpt import GPT, SIZES, build_gpt, check_block_size
 from launcher.parallel.fsdp import distributed_label, is_fsdp
@@ -287,11 +288,15 @@ def run_eval_only(config: LMConfig, accelerator: Accelerator, output_dir: Path, 
                          num_workers=config.num_workers, seed=config.seed)
     model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
     metrics = evaluate(model, loader, task=CausalLM(), accelerator=accelerator)
-    if accelerator.is_main_process:
+    row = finite_or_none(metrics.as_row("val"))
+
+    def write_eval() -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        row = finite_or_none(metrics.as_row("val"))
         write_json_atomic(output_dir / "eval.json", {**row, "world_size": accelerator.num_processes,
                                                      "checkpoint": str(checkpoint)})
+
+    eval_writes(accelerator.is_main_process, output_dir / "eval.json", "eval.json", write_eval, flag="--output-dir")
+    if accelerator.is_main_process:
         print(f"eval of {checkpoint}: val_loss {row['val_loss']:.4f} val_perplexity {row['val_perplexity']:.3f} "
               f"on {row['val_tokens']:,} tokens -> {output_dir / 'eval.json'}")
     tracker = start_tracker(config, accelerator=accelerator, output_dir=output_dir, run_info=info, resume_run_id=None)

@@ -12,6 +12,10 @@ gloo job on 2 loaded cores; gdb shows the worker in `~AsyncBarrierWork` -> `decr
 So an atexit handler, which runs before finalization while a worker can still take the GIL, waits with the
 GIL released until every gloo worker of this process is blocked (idle, or waiting on a peer) for a few
 polls in a row: a few milliseconds at a normal exit, at most `LIMIT_S`.
+
+The recipes leave by `os._exit` (launcher.loop.launch.exit_now), which skips finalization, and with it the
+exit handlers: `run_exit_handlers` runs them first, so that what they clean up still is (wandb's temp folders
+and its service, the folder's claim, tempfile's folders, the wait above).
 """
 
 from __future__ import annotations
@@ -67,3 +71,15 @@ def _worker_states() -> list[str]:
         if name == WORKER:
             states.append(stat[stat.rindex(")") + 2])
     return states
+
+
+def run_exit_handlers() -> None:
+    """Run the atexit handlers now, as a normal interpreter exit would before it finalizes (before `os._exit`).
+
+    Each runs once (atexit forgets them after this), in the usual order, last registered first; one that
+    raises is reported by atexit ("Exception ignored in atexit callback") and the rest still run, so a
+    failing cleanup never stops the others or changes the exit code."""
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - a Ctrl-C here must not turn a finished run into a traceback
+        pass

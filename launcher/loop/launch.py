@@ -33,20 +33,38 @@ from launcher.checkpoint.sharded import is_sharded_checkpoint
 from launcher.config import TrainConfig, parse_values
 from launcher.data.fingerprint import data_change, forget_launch_fingerprints, launch_fingerprint
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
+from launcher.faults.gloo_exit import run_exit_handlers
 from launcher.faults.lease import claim_for_ranks
 from launcher.faults.write_failures import main_writes
 from launcher.loop.accelerator import start_process_group
 from launcher.loop.options import Checkpointing
+from launcher.loop.outputs import sweep_stale_temp
 from launcher.tracking.tracker import start_tracker
 
 Body = Callable[[dict, Any, Path, Any], None]
 
 
 def choose_output_dir(config: TrainConfig) -> Path:
-    """Rank 0 picks the folder (a timestamp by default) and every rank uses the same one."""
-    chosen = [str(config.resolved_output_dir())]
+    """Rank 0 picks the folder (a timestamp by default) and every rank uses the same one; a path that cannot
+    be a folder (a file, or inside one) is a UsageError on every rank."""
+    folder = config.resolved_output_dir()
+    chosen = [str(folder), not_a_folder(folder) if PartialState().is_main_process else None]
     broadcast_object_list(chosen, from_process=0)
+    if chosen[1]:
+        raise UsageError(chosen[1])
     return Path(chosen[0])
+
+
+def not_a_folder(folder: Path) -> str | None:
+    """Why --output-dir cannot be a folder (it, or a folder above it, is a file), or None."""
+    path = Path(os.path.abspath(folder))
+    for above in (path, *path.parents):
+        if above.exists() and not above.is_dir():
+            what = "is a file, not a folder" if above == path else f"is inside {above}, which is a file, not a folder"
+            return f"--output-dir {folder} {what}: pass a folder to write the run to, or move the file away"
+        if above.exists():
+            return None
+    return None
 
 
 def relaunch(given: dict, config: TrainConfig, output_dir: Path) -> tuple[TrainConfig, Path | None, dict]:
@@ -131,6 +149,8 @@ def launch(body: Body, argv: list[str] | None, *, cls: type = TrainConfig, descr
     # One run per folder: a second launch on it stops here, before it reads or writes anything of it.
     lease = None if config.eval_only else claim_for_ranks(output_dir, is_main=state.is_main_process,
                                                           force=config.force)
+    if lease is not None and state.is_main_process:  # the folder is ours: what killed runs left goes
+        sweep_stale_temp(output_dir)
     forget_launch_fingerprints()  # the data's fingerprint is taken once per launch (docs/relaunch.md)
     try:
         body(given, config, output_dir, lease)
@@ -165,7 +185,9 @@ def exit_now(code: int) -> None:
     """Leave without the interpreter's own teardown: everything is written, the trackers are finished and the
     process group is gone, and in that teardown gloo's background threads once aborted a finished rank
     ("terminate called without an active exception", 1 in about 400 test launches), turning a completed
-    run into a failed one for torchrun."""
+    run into a failed one for torchrun. The exit handlers still run first (wandb's temp folders and service,
+    tempfile's folders, the gloo wait: launcher.faults.gloo_exit.run_exit_handlers)."""
+    run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

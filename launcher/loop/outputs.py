@@ -1,12 +1,17 @@
 """What `fit` writes: checkpoints, the final model, metrics.jsonl, and the finiteness checks that stop a
-diverged run (`Diverged`) before anything is saved.
+diverged run (`Diverged`) before anything is saved; and `sweep_stale_temp`, which removes what a killed
+run's writers left behind.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import os
+import re
+import shutil
+import errno
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,12 @@ import torch.distributed as dist
 
 from launcher.checkpoint import checkpoint_name, plain_state_dict, save_weights, write_json_atomic, write_text_atomic
 from launcher.checkpoint.sharded import full_model_state, is_sharded_model, save_sharded
-from launcher.errors import EXIT_DIVERGED
-from launcher.faults.write_failures import main_writes
+from launcher.errors import EXIT_DIVERGED, RunStopped, UsageError, WriteFailed
+from launcher.faults.agreement import first_failing_rank, from_rank
+from launcher.faults.write_failures import cause_of, main_writes, mount_point
 from launcher.loop.state import FitRun
 from launcher.tasks.base import TaskStats
+from launcher.tracking.tracker import process_gone, sweep_wandb_core_leftovers, sweep_wandb_staging
 
 
 class Diverged(SystemExit):
@@ -143,7 +150,7 @@ def _write_final(run: FitRun) -> None:
     def write() -> None:
         _check_lease(run)
         final.mkdir(parents=True, exist_ok=True)
-        tmp = final / ".model.safetensors.tmp"
+        tmp = final / f".model.safetensors.tmp-{os.getpid()}"
         try:
             save_weights(weights, tmp)
             tmp.replace(final / "model.safetensors")
@@ -177,3 +184,115 @@ def finite_or_none(value: Any) -> Any:
 def _rewrite_metrics(output_dir: Path, history: list[dict]) -> None:
     """After a resume metrics.jsonl holds exactly the checkpoint's epochs (atomically replaced)."""
     write_text_atomic(output_dir / "metrics.jsonl", "".join(_json_line(row) for row in history))
+
+
+# The writers' temp names: `.NAME.tmp-PID` (write_text_atomic, write_json_atomic, write_parquet_atomic, the
+# export), `.NAME.tmp` (final/.hf.tmp of the HF export, and final/.model.safetensors.tmp before it had a pid).
+# checkpoints/.tmp-step-*, .trash-*, .best-* are the checkpoint manager's, removed by its clean_stale in fit.
+_TEMP_NAME = re.compile(r"^\..+\.tmp(?:-(\d+))?$")
+
+
+def _stale(path: Path, pidless_too: bool) -> bool:
+    match = _TEMP_NAME.match(path.name)
+    if match is None or path.is_symlink():
+        return False
+    if match.group(1) is None:
+        return pidless_too
+    pid = int(match.group(1))
+    return pid != os.getpid() and process_gone(pid)
+
+
+def sweep_stale_temp(output_dir: Path) -> list[Path]:
+    """Rank 0 at the start of a run that holds the folder's lease: remove the temp files and folders a killed
+    run left (a SIGKILL between a temp file's write and its rename leaves `final/.trainer_state.json.tmp-PID`
+    for ever), and wandb's temp folders of dead processes (launcher.tracking.tracker). Returns what was removed.
+
+    Only writer temp names are touched: `.NAME.tmp-PID` whose PID is not alive (on this host; the lease keeps
+    other hosts' training runs out), anywhere in the folder's top, final/ and checkpoints/ (and each checkpoint
+    folder); `.NAME.tmp` without a pid only in final/ and checkpoints/, where only the lease holder writes (an
+    --eval-only of the folder writes eval.json at the top and claims nothing). A failure to remove one is
+    ignored: a sweep never stops a launch."""
+    output_dir = Path(output_dir)
+    places: list[tuple[Path, bool]] = [(output_dir, False), (output_dir / "final", True)]
+    checkpoints = output_dir / "checkpoints"
+    places.append((checkpoints, True))
+    try:
+        places += [(p, True) for p in checkpoints.iterdir() if p.is_dir() and not p.is_symlink()
+                   and not _TEMP_NAME.match(p.name)]
+    except OSError:
+        pass
+    removed = []
+    for folder, pidless_too in places:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            if not _stale(path, pidless_too):
+                continue
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    removed += sweep_wandb_staging(output_dir)
+    removed += sweep_wandb_core_leftovers()
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --eval-only outputs: eval.json and --predictions
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The first error of a chain raised while handling another (a cleanup's unlink that fails after the
+    write it cleans up failed): the one that says what went wrong, which the later one must never hide."""
+    seen = {id(err)}
+    while err.__context__ is not None and not err.__suppress_context__ and id(err.__context__) not in seen:
+        err = err.__context__
+        seen.add(id(err))
+    return err
+
+
+_USERS_SETUP = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.ENOTDIR: "not a directory",
+                errno.EISDIR: "is a directory"}
+
+
+def eval_write_failed(err: BaseException, path: Path, what: str, flag: str) -> Exception:
+    """The one-line error for an --eval-only output that could not be written. A path that cannot be written
+    at all (read-only, no permission, a file where a folder must be) is the user's setup: UsageError (exit 2)
+    naming the flag. Anything else (a full disk, an I/O error) is WriteFailed (exit 74). Either way the advice
+    is to rerun the evaluation: it writes nothing that training or --resume needs."""
+    cause_err = root_cause(err)
+    code = getattr(cause_err, "errno", None)
+    where = f"{path} (filesystem {mount_point(path)})"
+    if code in _USERS_SETUP:
+        return UsageError(f"cannot write {what} to {where}: {_USERS_SETUP[code]}; pass a writable {flag} "
+                          f"and run the same --eval-only command again")
+    cause = cause_of(cause_err, path)
+    fix = "free space" if cause in ("no space left on device", "disk quota exceeded") else "fix the cause above"
+    return WriteFailed(f"cannot write {what} to {where}: {cause}; the evaluation itself finished and the checkpoint "
+                       f"is untouched: {fix}, then run the same --eval-only command again")
+
+
+def eval_writes(is_main: bool, path: Path, what: str, write: Callable[[], None], *, flag: str) -> None:
+    """Rank 0 runs `write` (an --eval-only output); every rank returns together, or raises the same one-line
+    error together (UsageError or WriteFailed, see eval_write_failed): no rank waits in a collective."""
+    failure: Exception | None = None
+    if is_main:
+        try:
+            write()
+        except RunStopped as err:
+            failure = err
+        except Exception as err:  # noqa: BLE001 - any failure of the write is reported the same way
+            failure = eval_write_failed(err, Path(path), what, flag)
+    rank = first_failing_rank(failure is not None)
+    if rank is None:
+        return
+    kind, message = from_rank(None if failure is None else (type(failure).__name__, str(failure)), rank)
+    kinds: dict[str, type[Exception]] = {"UsageError": UsageError, "WriteFailed": WriteFailed}
+    raise kinds.get(kind, RunStopped)(message)

@@ -29,6 +29,13 @@ Under a W&B sweep agent ($WANDB_SWEEP_ID set), a SIGTERM stop (exit 75) is the a
 termination): the run ends as stopped (exit code 0 to W&B, summary `stopped_by`), not as preempted, because no
 requeue will resume it; SLURM jobs outside a sweep still end as preempted.
 
+Temp files: wandb stages media and artifact files in temp folders (`tmp*wandb-media` and `tmp*wandb-artifacts`,
+made when wandb is imported; a `tmp*` folder per table or artifact; the service's port-file folder at init),
+which it removes only from Python's exit handlers. The tracker points them at `RUN/.wandb-tmp-HOST-PID-START/`
+(tempfile's folder while wandb is imported and called), removes that folder at exit, and a later launch on the
+folder removes those of this host's dead processes (`sweep_wandb_staging`): a SIGKILLed run leaves nothing in
+/tmp (docs/tracking.md#temp-files).
+
 Restarts: the run id lives in the checkpoint; a resumed job reopens the same run (resume="allow"). Because a
 job can die after an epoch was logged but before the checkpoint that covers it, the tracker asks W&B what
 it already holds (offline: the earlier run files of this id; online: the resumed run's summary and step)
@@ -38,15 +45,20 @@ every 15 s, so a SIGKILL loses the last seconds) are logged again at their origi
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
 import re
 import secrets
+import shutil
+import socket
 import string
 import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -66,6 +78,8 @@ REDACTED = "<redacted>"
 # An eval run's `predictions` W&B table holds the first rows of --predictions (the parquet holds them all):
 # enough to browse in the UI, bounded so that a large split does not upload a large table.
 PREDICTIONS_TABLE_ROWS = 1000
+# wandb's temp folders go under RUN/<this prefix>HOST-PID-START (see the module docstring).
+STAGING_PREFIX = ".wandb-tmp-"
 
 
 class Tracker(Protocol):
@@ -284,6 +298,137 @@ def _warn_unavailable(what: str, err: BaseException) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# wandb's temp folders, under the run folder
+
+
+def _pid_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): tells a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def staging_name(host: str | None = None, pid: int | None = None) -> str:
+    """`.wandb-tmp-HOST-PID-START` of this process: who made it, so that only a dead owner's is ever swept."""
+    pid = os.getpid() if pid is None else pid
+    return f"{STAGING_PREFIX}{host or socket.gethostname()}-{pid}-{_pid_start(pid) or 0}"
+
+
+def _owner_gone(name: str, host: str) -> bool:
+    """Whether the process named in a staging folder's name is of this host and no longer alive (its pid is
+    dead, or now belongs to a process started at another time). Another host's folder is never judged."""
+    rest = name[len(STAGING_PREFIX):]
+    parts = rest.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return False
+    pid, start = int(parts[1]), parts[2]
+    if pid == os.getpid():
+        return False
+    if process_gone(pid):
+        return True
+    now = _pid_start(pid)
+    return start != "0" and now is not None and now != start
+
+
+def sweep_wandb_staging(folder: Path) -> list[Path]:
+    """Remove the wandb temp folders in `folder` whose owner (this host, named in the folder's name) is gone.
+
+    Only names this tracker makes are looked at, and only this host's: a process of another host (an
+    --eval-only into a shared folder) cannot be asked whether it lives, so its folder is kept. Returns what
+    was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for path in entries:
+        if path.name.startswith(STAGING_PREFIX) and not path.is_symlink() and _owner_gone(path.name, host):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    return removed
+
+
+# wandb-core's own (Go) temp entries in $TMPDIR: its socket folder `wandb-<client pid>-<core pid>-<random>` and
+# its system monitor's socket `wandb_symon-<core pid>-<monitor pid>-<random>.sock`. wandb-core removes them
+# when it ends, unless it is SIGKILLed with its client (a whole process tree killed: the OOM killer, SLURM).
+_CORE_ENTRIES = (re.compile(r"^wandb-(\d+)-(\d+)-\d+$"), re.compile(r"^wandb_symon-(\d+)-(\d+)-\d+\.sock$"))
+
+
+def sweep_wandb_core_leftovers(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove wandb-core's socket folders and sockets in the system temp folder ($TMPDIR, else /tmp, as Go
+    reads it) whose every named process is dead: a socket nobody serves. A name that matches but whose pids
+    live (another user's W&B run, or a pid reused) is kept; so is anything that is not a socket folder."""
+    root = Path(folder or os.environ.get("TMPDIR") or "/tmp")
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = next((m for m in (r.match(path.name) for r in _CORE_ENTRIES) if m), None)
+        if match is None or not all(process_gone(int(pid)) for pid in match.groups()):
+            continue
+        try:
+            if path.is_symlink():
+                continue
+            if path.is_dir() and all(child.name == "socket" and child.is_socket() for child in path.iterdir()):
+                shutil.rmtree(path)
+            elif path.is_socket():
+                path.unlink()
+            else:
+                continue
+            removed.append(path)
+        except OSError:
+            continue  # someone else's, or gone meanwhile
+    return removed
+
+
+def process_gone(pid: int) -> bool:
+    """Whether pid names no running process: none, or a zombie (a killed process its parent has not reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _make_staging(output_dir: Path) -> Path | None:
+    """This process's wandb temp folder under the run folder, removed at exit; None when it cannot be made
+    (a read-only folder: wandb then uses the system's temp folder as before)."""
+    staging = output_dir / staging_name()
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    # Registered before wandb is imported, so that it runs after wandb's own exit handlers (last in, first out),
+    # which clean the folders inside it. launcher.loop.launch.exit_now runs the exit handlers before os._exit.
+    atexit.register(shutil.rmtree, staging, ignore_errors=True)
+    return staging
+
+
+@contextlib.contextmanager
+def temp_folder(staging: Path | None) -> Iterator[None]:
+    """tempfile's folder is `staging` inside the block (wandb's imports and calls), the old one after it."""
+    if staging is None or not staging.is_dir():
+        yield
+        return
+    saved, tempfile.tempdir = tempfile.tempdir, str(staging)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The W&B tracker
 
 
@@ -293,8 +438,9 @@ class WandbTracker:
     def __init__(self, run: Any, wandb_module: Any, *, history: list[Mapping[str, Any]] | None,
                  best_metric: str, best_mode: str, class_names: list[str] | None,
                  logged_epoch: int, logged_step: int, log_model: str = "none",
-                 output_dir: Path | None = None) -> None:
+                 output_dir: Path | None = None, staging: Path | None = None) -> None:
         self.run_id: str | None = run.id
+        self._staging = staging  # wandb's temp folder (temp_folder), None for the system's
         self._log_model, self._output_dir = log_model, output_dir
         self._run: Any = run
         self._wandb = wandb_module
@@ -352,7 +498,8 @@ class WandbTracker:
         artifact = artifact_of(Path(str(checkpoint.get("checkpoint", ""))))
         if artifact is not None:  # downloaded from W&B: the lineage edge from the model to this eval
             try:
-                self._run.use_artifact(artifact)
+                with temp_folder(getattr(self, "_staging", None)):
+                    self._run.use_artifact(artifact)
             except Exception as err:  # noqa: BLE001 - lineage is a nicety, never a failure
                 log.warning("W&B use_artifact(%s) failed (%s); the checkpoint path is in the config", artifact,
                             _one_line(err))
@@ -392,7 +539,8 @@ class WandbTracker:
             self._guard("mark preempting", self._run.mark_preempting)
         run, self._run = self._run, None
         try:
-            run.finish(exit_code=exit_code)
+            with temp_folder(getattr(self, "_staging", None)):
+                run.finish(exit_code=exit_code)
         except Exception as err:  # noqa: BLE001 - W&B must never take training down
             _warn_unavailable("finish", err)
 
@@ -402,7 +550,8 @@ class WandbTracker:
         if self._run is None:
             return
         try:
-            action()
+            with temp_folder(getattr(self, "_staging", None)):
+                action()
         except Exception as err:  # noqa: BLE001 - W&B must never take training down
             _warn_unavailable(what, err)
             self._run = None
@@ -465,10 +614,11 @@ class WandbTracker:
     def _log_artifact(self, folder: Path, aliases: list[str], metadata: Mapping[str, Any]) -> None:
         """One version of `model-<run id>`. Never fatal: a failure is one warning and the run goes on."""
         try:
-            artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model",
-                                            metadata={k: v for k, v in metadata.items() if v is not None})
-            artifact.add_dir(str(folder))
-            self._run.log_artifact(artifact, aliases=["latest", *aliases])
+            with temp_folder(getattr(self, "_staging", None)):
+                artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model",
+                                                metadata={k: v for k, v in metadata.items() if v is not None})
+                artifact.add_dir(str(folder))
+                self._run.log_artifact(artifact, aliases=["latest", *aliases])
         except Exception as err:  # noqa: BLE001 - a failed upload never fails training
             log.warning("W&B model artifact of %s failed (%s); training and logging continue", folder,
                         scrub(_one_line(err), secret_values(os.environ)))
@@ -534,13 +684,18 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
         return NullTracker(run_id)
     # wandb's own ~40 lines (banners, sparklines, sync hints) drown ours; WANDB_SILENT=false brings them back.
     os.environ.setdefault("WANDB_SILENT", "true")
+    output_dir = Path(output_dir)
+    # wandb's temp folders under the run folder, not /tmp (see the module docstring): the media and artifact
+    # staging folders are made when wandb is first imported, the rest while it is called.
+    sweep_wandb_staging(output_dir)
+    staging = _make_staging(output_dir)
     try:
-        import wandb
+        with temp_folder(staging):
+            import wandb
     except Exception as err:  # noqa: BLE001 - a broken install must not stop training
         _warn_unavailable("import", err)
         return NullTracker(run_id)
 
-    output_dir = Path(output_dir)
     settings: dict[str, Any] = {}
     if "WANDB_INIT_TIMEOUT" not in environ:
         settings["init_timeout"] = DEFAULT_INIT_TIMEOUT_S
@@ -549,21 +704,22 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
     wandb_config = build_config(config.to_dict(), run_info, run_metadata(environ), environ)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=config.wandb_project or environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            entity=config.wandb_entity,
-            group=config.wandb_group,
-            tags=config.wandb_tags,
-            name=config.wandb_name or (None if environ.get("WANDB_NAME") else output_dir.resolve().name),
-            job_type=config.wandb_job_type or (None if environ.get("WANDB_JOB_TYPE") else
-                                               "eval" if config.eval_only else "train"),
-            id=run_id,
-            resume="allow",
-            mode=mode,
-            dir=None if environ.get("WANDB_DIR") else str(output_dir),
-            config=wandb_config,
-            settings=wandb.Settings(**settings),
-        )
+        with temp_folder(staging):
+            run = wandb.init(
+                project=config.wandb_project or environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                entity=config.wandb_entity,
+                group=config.wandb_group,
+                tags=config.wandb_tags,
+                name=config.wandb_name or (None if environ.get("WANDB_NAME") else output_dir.resolve().name),
+                job_type=config.wandb_job_type or (None if environ.get("WANDB_JOB_TYPE") else
+                                                   "eval" if config.eval_only else "train"),
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=None if environ.get("WANDB_DIR") else str(output_dir),
+                config=wandb_config,
+                settings=wandb.Settings(**settings),
+            )
         if mode == "offline":
             logged_epoch, logged_step = _already_logged_offline(run, run_id)
         else:
@@ -578,7 +734,8 @@ def start_tracker(config: TrainConfig, *, accelerator: Any, output_dir: Path, ru
     best_mode = config.best_mode or ("min" if best_metric in ("val_loss", "val_mae", "val_rmse") else "max")
     return WandbTracker(run, wandb, history=history, best_metric=best_metric, best_mode=best_mode,
                         class_names=run_info.get("class_names"), logged_epoch=logged_epoch,
-                        logged_step=logged_step, log_model=config.log_model(), output_dir=output_dir)
+                        logged_step=logged_step, log_model=config.log_model(), output_dir=output_dir,
+                        staging=staging)
 
 
 def where_line(run: Any, mode: str, defaulted: bool) -> str:
