@@ -35,6 +35,7 @@ from launcher import (
     make_accelerator,
 )
 from launcher.data import TensorBatchedDataset, make_loader
+from launcher.loop import predict
 
 VAL = 101  # divides by none of 2, 3 (nor the batch sizes)
 VOCAB, LENGTH = 11, 7
@@ -147,14 +148,17 @@ def evaluations(acc) -> dict:
         for kind in ("plain", "elastic"):
             loader = (DataLoader(TensorDataset(x, y), batch_size=16) if kind == "plain"
                       else make_loader(TensorBatchedDataset(x, y), 16, shuffle=False))
-            metrics = evaluate(fixed_model(name), loader, task=task, metrics=user_metrics(name),
-                               accelerator=acc, prepare=True)
+            model = fixed_model(name)
+            metrics = evaluate(model, loader, task=task, metrics=user_metrics(name), accelerator=acc, prepare=True)
             out[f"{name}/{kind}"] = dict(metrics.as_row("val"))
+            if kind == "elastic":  # every sample's prediction (and probabilities), for bitwise comparison
+                out[f"{name}/rows"] = predict(model, loader, task, accelerator=acc)
     ids, labels = lm_data()
     set_seed(5)
-    metrics = evaluate(TinyLM(), make_loader(TensorBatchedDataset(ids, labels), 8, shuffle=False), task=CausalLM(),
-                       accelerator=acc, prepare=True)
+    model, loader = TinyLM(), make_loader(TensorBatchedDataset(ids, labels), 8, shuffle=False)
+    metrics = evaluate(model, loader, task=CausalLM(), accelerator=acc, prepare=True)
     out["causal_lm/elastic"] = dict(metrics.as_row("val"))
+    out["causal_lm/rows"] = predict(model, loader, CausalLM(), accelerator=acc)  # each sequence's summed loss
     return out
 
 

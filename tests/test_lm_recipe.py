@@ -141,8 +141,10 @@ def test_eval_only_gives_the_same_loss_on_1_2_and_3_processes(corpus, trained, t
         assert (row["train_samples"], row["train_tokens"]) == (blocks, blocks * 31)
     for one in evals:
         assert one["val_tokens"] == evals[0]["val_tokens"] == validated["val_tokens"]  # every token once
-        assert one["val_loss"] == pytest.approx(evals[0]["val_loss"], rel=1e-9)
-        assert one["val_loss"] == pytest.approx(validated["val_loss"], rel=1e-9)
+        # Every block's forward pass in a batch of the same shape at any world size: the losses are the same to
+        # the bit, only the order of the float64 sum differs.
+        assert one["val_loss"] == pytest.approx(evals[0]["val_loss"], rel=1e-12)
+        assert one["val_loss"] == pytest.approx(validated["val_loss"], rel=1e-12)
         assert one["val_perplexity"] == pytest.approx(math.exp(one["val_loss"]), rel=1e-12)
 
 

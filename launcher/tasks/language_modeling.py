@@ -87,3 +87,9 @@ class CausalLM:
     def summary(self, row: dict) -> str:
         return (f"train_loss {row['train_loss']:.4f} | val_loss {row['val_loss']:.4f} "
                 f"val_perplexity {row['val_perplexity']:.2f}")
+
+    def prediction_rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, list]:
+        """One row per sequence: its summed token loss and its valid tokens (`loss / tokens` is its mean
+        negative log-likelihood; scoring text with a language model)."""
+        losses, counts = self.loss(outputs, targets)
+        return {"loss": losses.tolist(), "tokens": counts.tolist()}
