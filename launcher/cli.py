@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from launcher.errors import EXIT_USAGE, UsageError
+from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 
 USAGE = """usage: launcher {submit,compare,export} ...
 
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"launcher {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except RunStopped as err:  # export: a write that failed (a full disk), one line and its exit code
+        if command != "export":
+            raise
+        print(f"launcher {command}: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

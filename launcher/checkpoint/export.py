@@ -39,6 +39,12 @@ def resolve_checkpoint(arg: str) -> Path:
         return found
     if not path.is_dir():
         raise UsageError(f"{arg}: no such checkpoint folder; give a checkpoints/step-* folder or a run folder")
+    if (not (path / MANIFEST).exists() and (path / "model.safetensors").is_file()
+            and path.resolve().parent.name != CHECKPOINTS):
+        run = path.resolve().parent
+        raise UsageError(f"{arg} is a run's final weights, not a checkpoint: {path / 'model.safetensors'} is one "
+                         f"plain safetensors file already (copy it); to export a checkpoint give a "
+                         f"{run / CHECKPOINTS}/step-* folder or the run folder {run}")
     return path
 
 

@@ -87,6 +87,21 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -
             storages.add(storage)
         tensors[name] = tensor
     save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors (0.8) creates its file 0600: the umask decides, as for open()
+
+
+def _umask() -> int:
+    """This process's umask, without changing it (os.umask can only be read by setting it, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_parquet_atomic(path: Path, columns: dict[str, list]) -> None:

@@ -42,7 +42,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UsageError(f"no weights at {file}") from None
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read {file}: {err}") from None
+        raise CheckpointError(f"cannot read {file}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 def check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -66,10 +71,10 @@ def check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> N
 
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load `model.safetensors` (from a checkpoint folder or a file) strictly, with a clear mismatch error."""
-    weights = read_weights(path)
     try:
+        weights = read_weights(path)
         check_weights(model, weights)
-    except CheckpointMismatch as err:
+    except CheckpointError as err:
         raise UsageError(f"{path}: {err}") from None
     model.load_state_dict(weights, strict=True)
 
@@ -77,6 +82,16 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 def check_optimizer_state(optimizer: Any, saved: dict) -> None:
     """The saved optimizer state fits `optimizer`: same groups, same number of parameters in each, and every
     per-parameter tensor (momenta, second moments) shaped like its parameter."""
+    try:
+        _check_optimizer_state(optimizer, saved)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        raise CheckpointMismatch(f"optimizer.pt does not hold an optimizer state ({type(err).__name__}: "
+                                 f"{_first_line(err)})") from None
+
+
+def _check_optimizer_state(optimizer: Any, saved: Any) -> None:
+    if not isinstance(saved, dict):
+        raise TypeError(f"it holds a {type(saved).__name__}")
     groups, saved_groups = optimizer.param_groups, saved.get("param_groups")
     if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
         raise CheckpointMismatch(f"optimizer.pt has {len(saved_groups or [])} parameter groups, the optimizer "
@@ -122,21 +137,58 @@ def _torch_load(path: Path, **kw: Any) -> Any:
     try:
         return torch.load(path, weights_only=True, **kw)
     except Exception as err:  # a file that validates (checksum) but does not unpickle: written by other code
-        raise CheckpointMismatch(f"cannot load {path.name}: {str(err).splitlines()[0]}") from None
+        raise CheckpointMismatch(f"cannot load {path.name}: {_first_line(err)}") from None
 
 
-def check_fits(path: Path, *, model: torch.nn.Module, optimizer: Any) -> None:
-    """Whether the checkpoint's weights and optimizer state fit `model` and `optimizer`, from the safetensors
-    header and a memory-mapped optimizer.pt: names and shapes only, no tensor data read. Raises
-    CheckpointError (CheckpointMismatch: valid, but does not fit)."""
-    file = Path(path) / "model.safetensors"
+def check_fits(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+               scaler: Any = None) -> None:
+    """Whether the checkpoint's files load and its weights and optimizer state fit `model` and `optimizer`,
+    from the safetensors header and a memory-mapped optimizer.pt (names and shapes only, no tensor data read),
+    and every small file (scheduler, scaler, trainer state, every rank's RNG file) loaded. Raises
+    CheckpointError (CheckpointMismatch: valid, but does not fit), for whatever damage a file has."""
+    path = Path(path)
+    file = path / "model.safetensors"
     try:
         with safe_open(str(file), framework="pt") as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read {file}: {err}") from None
-    check_weights(model, plain_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}))
-    check_optimizer_state(optimizer, _torch_load(Path(path) / "optimizer.pt", mmap=True, map_location="cpu"))
+        raise CheckpointError(f"cannot read {file}: {_first_line(err)}") from None
+    try:
+        check_weights(model, plain_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}))
+        check_optimizer_state(optimizer, _torch_load(path / "optimizer.pt", mmap=True, map_location="cpu"))
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure to read a file: this checkpoint does not load
+        raise CheckpointError(f"{path.name} does not load ({type(err).__name__}: {_first_line(err)})") from None
+    check_small_files(path, scheduler=scheduler, scaler=scaler)
+
+
+def check_small_files(path: Path, *, scheduler: Any = None, scaler: Any = None) -> None:
+    """The checkpoint's small files load: scheduler.pt and scaler.pt (with the same keys as `scheduler` and
+    `scaler`, when given), trainer_state.json, and every rank's RNG file. Raises CheckpointError. For a sharded
+    checkpoint this is what --resume auto checks beyond the manifest (its shards are checked by DCP as it loads)."""
+    path = Path(path)
+    try:
+        for name, current in (("scheduler.pt", scheduler), ("scaler.pt", scaler)):
+            if (path / name).exists():
+                saved = _torch_load(path / name)
+                if current is not None:
+                    _check_same_keys(name, current.state_dict(), saved)
+        state, _ = trainer_state_of(path, 0)
+        for rank in range(max(state.world_size, 1)):
+            _read_own(path, rank)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure to read a file: this checkpoint does not load
+        raise CheckpointError(f"{path.name} does not load ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _read_own(path: Path, rank: int) -> Any:
+    try:
+        return read_rank_file(path, rank, load=_torch_load)  # this rank's file only
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states "
+                                 f"({_first_line(err)})") from None
 
 
 def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
@@ -144,6 +196,17 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, sched
     """Read and check every file of the checkpoint against the (unwrapped) model, optimizer, scheduler and
     scaler, changing none of them. Raises CheckpointError (CheckpointMismatch: valid, but does not fit).
     `verify=False`: the manifest check (sizes, sha256) was done already (on rank 0, see loop.resume)."""
+    try:
+        return _read_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                rank=rank, verify=verify)
+    except (CheckpointError, UsageError):
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file raises: one line, the caller's verdict
+        raise CheckpointError(f"{path.name} does not load ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, rank: int,
+                     verify: bool) -> LoadedCheckpoint:
     if verify:
         validate(path)
     weights = read_weights(path)
@@ -159,10 +222,7 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any, sched
         scaler_state = _torch_load(path / "scaler.pt")
         _check_same_keys("scaler.pt", scaler.state_dict(), scaler_state)
     state, stats = trainer_state_of(path, rank)
-    try:
-        own = read_rank_file(path, rank, load=_torch_load)  # this rank's file only
-    except (KeyError, TypeError, AttributeError) as err:
-        raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
+    own = _read_own(path, rank)
     if own.kept:  # this rank's own sums, as it had them: the same world size resumes bit-identical
         stats = own.stats
     return LoadedCheckpoint(path=path, weights=weights, optimizer=optim_state, scheduler=sched_state,
@@ -176,7 +236,7 @@ def trainer_state_of(path: Path, rank: int) -> tuple[TrainerState, dict | None]:
         stats = read_stats(raw, rank)
         known = set(TrainerState.__dataclass_fields__) - {"train_stats"}
         return TrainerState(**{k: v for k, v in raw.items() if k in known}), stats
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
         raise CheckpointMismatch(f"{TRAINER_STATE} does not hold a trainer state ({err})") from None
 
 

@@ -24,18 +24,22 @@ from launcher.checkpoint.layout import (
     validate,
     validated_once,
 )
-from launcher.checkpoint.loading import check_fits
+from launcher.checkpoint.loading import check_fits, check_small_files
 from launcher.errors import UsageError
 
 
 def latest_valid(output_dir: str | os.PathLike, *, warn: bool = True) -> Path | None:
-    """The newest checkpoint that validates; broken newer ones are skipped with a warning naming them."""
+    """The newest checkpoint that validates; broken newer ones are skipped with a warning naming them.
+
+    A sharded checkpoint's small files must also load (its shards DCP checks as it loads them, into the model);
+    a full checkpoint's weights and optimizer state `loadable_checkpoint` checks against the model."""
     if os.environ.get("RANK", "0") in os.environ.get(STALE_VIEW_ENV, "").split(","):
         return None
     for name in reversed(list_checkpoints(output_dir)):
         path = checkpoints_dir(output_dir) / name
         try:
-            validate(path)
+            if validate(path).get("sharded"):
+                check_small_files(path)
         except CheckpointError as err:
             if warn:
                 warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
@@ -74,7 +78,8 @@ UNLOADABLE_PREFIX = "unloadable-"
 
 
 def loadable_checkpoint(path: Path | None, *, model: torch.nn.Module, optimizer: Any, fallback: bool,
-                        output_dir: str | os.PathLike | None = None, is_main: bool = True) -> Path | None:
+                        output_dir: str | os.PathLike | None = None, is_main: bool = True, scheduler: Any = None,
+                        scaler: Any = None) -> Path | None:
     """Collective: `path` if it loads into `model` and `optimizer`; with `fallback` (--resume auto) the
     newest older checkpoint that does, else a UsageError naming what does not match.
 
@@ -82,18 +87,21 @@ def loadable_checkpoint(path: Path | None, *, model: torch.nn.Module, optimizer:
     validated once in this process (`validated_once`: the one `resolve_resume` chose is not hashed again) and
     matched by names and shapes only (`check_fits`: no tensor data is read). A checkpoint skipped by the
     fallback is renamed `checkpoints/unloadable-step-...` (kept for the user, out of the resume order and of
-    rotation), with one warning line saying what is wrong with it.
+    rotation), with one warning line saying what is wrong with it. `scheduler`, `scaler` (optional): their
+    saved states must also have their keys.
     """
     if path is None:
         return None
-    kind, value = main_decides(lambda: _choose_loadable(path, model, optimizer, fallback, output_dir), is_main)
+    kind, value = main_decides(lambda: _choose_loadable(path, model, optimizer, fallback, output_dir,
+                                                          scheduler, scaler), is_main)
     if kind == "error":
         raise UsageError(value)
     return Path(value)
 
 
 def _choose_loadable(path: Path, model: torch.nn.Module, optimizer: Any, fallback: bool,
-                     output_dir: str | os.PathLike | None) -> tuple[str, str]:
+                     output_dir: str | os.PathLike | None, scheduler: Any = None,
+                     scaler: Any = None) -> tuple[str, str]:
     candidates = [path]
     if fallback and output_dir is not None:
         candidates += [checkpoints_dir(output_dir) / n for n in reversed(list_checkpoints(output_dir))
@@ -102,10 +110,12 @@ def _choose_loadable(path: Path, model: torch.nn.Module, optimizer: Any, fallbac
     for candidate in candidates:
         try:
             validated_once(candidate)
-            check_fits(candidate, model=model, optimizer=optimizer)
+            check_fits(candidate, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
             error = None
         except CheckpointError as err:
             error = str(err)
+        except Exception as err:  # noqa: BLE001 - any failure to read it: --resume auto falls back as for damage
+            error = f"{candidate.name} does not load ({type(err).__name__}: {str(err).strip()[:200]})".splitlines()[0]
         if error is None:
             break
         if not fallback:

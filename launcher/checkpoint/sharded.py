@@ -6,7 +6,8 @@ Layout of one sharded checkpoint, `<output_dir>/checkpoints/step-00000420/`:
     dcp/__R_0.distcp     rank R's shards of the model ("model.*") and of the optimizer state ("optimizer.*")
     scheduler.pt, scaler.pt, trainer_state.json   as in launcher.checkpoint (rank 0, small)
     rng.pt, rng-00001.pt, ...   each rank's RNG states, written by that rank (launcher.checkpoint.rank_state)
-    manifest.json        written last: every file with its size ("sharded": true, the writing world size)
+    manifest.json        written last: every file with its size and sha256 ("sharded": true, the writing
+                         world size)
 
 Nothing is gathered whole: each rank serializes only its local shards, in parallel. The folder is written
 under `checkpoints/.tmp-step-...-sharded/` (one name for all ranks), the ranks report success to each other
@@ -14,9 +15,12 @@ under `checkpoints/.tmp-step-...-sharded/` (one name for all ranks), the ranks r
 commit launcher.checkpoint uses. A kill at any moment leaves either no folder under the final name or a
 complete one, so the previous checkpoint stays the newest valid one.
 
-The manifest records sizes, and sha256 only for the small files: hashing every shard would read the whole
-model and optimizer state back on every save and on every rank at resume (measured in bench/RESULTS.md),
-while truncation, the failure a crash or a full disk produces, is caught by the sizes.
+The manifest records every file's size and sha256. Each rank hashes the files it wrote itself (its shards,
+read back from the page cache right after DCP wrote them, and its RNG file), in parallel with the other
+ranks, and sends rank 0 the digests (one gather of a few names and digests per rank, as DCP's own save
+gathers every rank's write results); rank 0 hashes its own and the small files. A resume hashes every file
+once, on rank 0 (launcher.checkpoint.layout.validate, with a few threads), and checks that every shard DCP's
+metadata points into lies inside its file.
 
 DCP reshards on load: a checkpoint written by N processes loads on M, into FSDP-sharded or plain (DDP,
 single-process) models alike; `export_weights` turns one into a single safetensors file in one process.
@@ -24,6 +28,7 @@ single-process) models alike; `export_weights` turns one into a single safetenso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +51,7 @@ from launcher.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     CheckpointManager,
+    CheckpointMismatch,
     TrainerState,
     _fsync_path,
     _sha256,
@@ -55,10 +61,17 @@ from launcher.checkpoint import (
     save_weights,
     validate,
 )
-from launcher.checkpoint.loading import trainer_state_of
-from launcher.checkpoint.rank_state import STATS_REDUCED, read_rank_file, reduce_with_flags, write_rank_rng
-from launcher.errors import LeaseLost, RunStopped, UsageError
-from launcher.faults.write_failures import agree, write_failed
+from launcher.checkpoint.collective import first_error
+from launcher.checkpoint.loading import _torch_load, read_weights, trainer_state_of
+from launcher.checkpoint.rank_state import (
+    STATS_REDUCED,
+    read_rank_file,
+    reduce_with_flags,
+    rng_file,
+    write_rank_rng,
+)
+from launcher.errors import LeaseLost, RunStopped, UsageError, WriteFailed
+from launcher.faults.write_failures import agree, cause_of, mount_point, write_failed
 
 DCP_DIR = "dcp"
 MODEL_PREFIX = "model."
@@ -146,20 +159,38 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: one rank dies with its shards written
         if manager.is_main:
             _write_small_files(tmp, state, train_stats, scheduler, scaler)
+        mine = _own_digests(tmp)
     except BaseException as err:  # noqa: B036 - DCP's CheckpointException derives from BaseException
         if not isinstance(err, (Exception, _dcp().api.CheckpointException)):
             raise  # KeyboardInterrupt, SystemExit: not a write failure
         failure = write_failed(err, manager.root, f"checkpoint {name}")
     agree(_discarded(failure, tmp, manager.is_main))  # every rank's shards are on disk before any commit
+    digests = _gather_digests(mine)
     if manager.is_main:
         try:
-            _commit(tmp, final, state)
+            _commit(tmp, final, state, digests, owner=getattr(manager.lease, "run_id", None))
             if best:
                 manager.mark_best(final.name)
-        except OSError as err:
+        except (OSError, CheckpointError) as err:
             failure = write_failed(err, manager.root, f"checkpoint {name}")
     agree(_discarded(failure, tmp, manager.is_main))  # nobody goes on before the checkpoint is committed
     return final
+
+
+def _own_digests(tmp: Path) -> dict[str, tuple[int, str]]:
+    """{name: (size, sha256)} of the files this rank wrote: its DCP shards and its RNG file."""
+    rank = _rank()
+    mine = sorted((tmp / DCP_DIR).glob(f"__{rank}_*")) + [tmp / rng_file(rank)]
+    return {p.relative_to(tmp).as_posix(): (p.stat().st_size, _sha256(p)) for p in mine}
+
+
+def _gather_digests(mine: dict[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
+    """Collective: every rank's digests, on rank 0 ({} elsewhere). One gather; no rank receives another's."""
+    if _world() == 1:
+        return mine
+    gathered: list | None = [None] * _world() if _rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return {name: value for part in (gathered or []) for name, value in part.items()}
 
 
 def _discarded(failure: RunStopped | None, tmp: Path, is_main: bool) -> RunStopped | None:
@@ -184,17 +215,25 @@ def _write_small_files(tmp: Path, state: TrainerState, train_stats: dict | None,
         _fsync_path(tmp / fname)
 
 
-def _commit(tmp: Path, final: Path, state: TrainerState) -> None:
-    """Manifest last, then one rename: the folder under its final name is complete or absent."""
+def _commit(tmp: Path, final: Path, state: TrainerState, digests: dict[str, tuple[int, str]],
+            owner: str | None = None) -> None:
+    """Manifest last, then one rename: the folder under its final name is complete or absent.
+
+    `digests`: (size, sha256) of the files each rank hashed as it wrote them; rank 0 hashes the others."""
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = path.relative_to(tmp).as_posix()
-        files[rel] = {"size": path.stat().st_size}
-        if not rel.startswith((f"{DCP_DIR}/", "rng-")):  # other ranks' files: sizes, as for shards
-            files[rel]["sha256"] = _sha256(path)
+        size = path.stat().st_size
+        if rel in digests:
+            if digests[rel][0] != size:
+                raise CheckpointError(f"{rel} has {size} bytes, its writer hashed {digests[rel][0]}")
+            files[rel] = {"size": size, "sha256": digests[rel][1]}
+        else:
+            files[rel] = {"size": size, "sha256": _sha256(path)}
     manifest = {"format": FORMAT_VERSION, "step": state.global_step, "epoch": state.epoch,
-                "batches_done": state.batches_done, "reason": state.reason, "sharded": True,
-                "world_size": _world(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+                "batches_done": state.batches_done, "samples_done": state.samples_done, "reason": state.reason,
+                "owner": owner, "sharded": True, "world_size": _world(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -232,24 +271,84 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, schedule
 
     Every rank calls this; DCP reads the slices each rank needs, whatever world size wrote them. Returns the
     trainer state, this rank's RNG state, its statistics and its loader position (None without one).
+    Collective, all or nothing as far as a failure can be known in advance: every rank reads its small files
+    first, and only when all could does DCP load; any failure is one UsageError, on every rank together.
     """
     if verify:  # False: rank 0 checked the manifest already (launcher.loop.resume)
-        validate(path)
+        try:
+            validate(path)
+        except CheckpointError as err:
+            raise UsageError(f"cannot resume from {path}: {err}") from None
     optimizer = _torch_optimizer(optimizer)
+    error, small = None, None
+    try:
+        small = _read_small_files(path, rank, scheduler is not None, scaler is not None)
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file raises: one line, every rank together
+        error = _one_line(err)
+    error = first_error(error)
+    if error is not None:
+        raise UsageError(f"cannot resume from {path}: {error}")
     dcp = _dcp()
-    shards = {"model": dcp.state_dict.get_model_state_dict(model),
-              "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
-    dcp.load(shards, checkpoint_id=path / DCP_DIR)
+    try:
+        shards = {"model": dcp.state_dict.get_model_state_dict(model),
+                  "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
+        dcp.load(shards, checkpoint_id=path / DCP_DIR)
+    except BaseException as err:  # noqa: B036 - DCP's CheckpointException derives from BaseException
+        if not isinstance(err, (Exception, dcp.api.CheckpointException)):
+            raise
+        error = f"cannot load its shards ({_one_line(err)})"
+    error = first_error(error)  # DCP raises on every rank together; this makes sure of it
+    if error is not None:
+        raise UsageError(f"cannot resume from {path}: {error}")
     dcp.state_dict.set_model_state_dict(model, shards["model"])
     dcp.state_dict.set_optimizer_state_dict(model, optimizer, shards["optimizer"])
-    if scheduler is not None and (path / "scheduler.pt").exists():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    state, stats = trainer_state_of(path, rank)
-    own = read_rank_file(path, rank)
+    sched_state, scaler_state, state, stats, own = small
+    if sched_state is not None:
+        scheduler.load_state_dict(sched_state)
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     # own sums: the same world size resumes bit-identical
     return state, own.rng, (own.stats if own.kept else stats), own.loader
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _read_small_files(path: Path, rank: int, scheduler: bool, scaler: bool) -> tuple:
+    """(scheduler state, scaler state, trainer state, its statistics, this rank's own file); CheckpointError."""
+    sched_state = _torch_load(path / "scheduler.pt") if scheduler and (path / "scheduler.pt").exists() else None
+    scaler_state = _torch_load(path / "scaler.pt") if scaler and (path / "scaler.pt").exists() else None
+    state, stats = trainer_state_of(path, rank)
+    try:
+        own = read_rank_file(path, rank, load=_torch_load)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
+    return sched_state, scaler_state, state, stats, own
+
+
+def check_dcp_metadata(path: Path, files: dict) -> None:
+    """DCP's metadata loads and every tensor it indexes lies inside a listed shard file (a manifest that vouches
+    for a truncated shard). Raises CheckpointError."""
+    dcp = _dcp()
+    try:
+        metadata = dcp.FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata()
+        storage = metadata.storage_data
+        if not isinstance(storage, dict) or not storage:
+            raise ValueError("it indexes no storage")
+        for index, info in storage.items():
+            name = f"{DCP_DIR}/{info.relative_path}"
+            if name not in files:
+                raise ValueError(f"{getattr(index, 'fqn', index)} is in {info.relative_path}, which is not listed")
+            if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
+                    and info.length >= 0 and info.offset + info.length <= files[name]["size"]):
+                raise ValueError(f"{getattr(index, 'fqn', index)} lies past the end of {info.relative_path} "
+                                 f"(truncated?)")
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unpickling error of any type: not a DCP checkpoint
+        raise CheckpointError(f"{path}/{DCP_DIR}/.metadata is not valid DCP metadata: {_one_line(err)}") from None
 
 
 def check_resume_format(path: Path, *, sharded_run: bool) -> None:
@@ -267,7 +366,10 @@ def model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     dcp = _dcp()
     reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
-    metadata = reader.read_metadata()
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:  # noqa: BLE001 - an unpickling error of any type
+        raise CheckpointError(f"{path}/{DCP_DIR}/.metadata is not valid DCP metadata: {_one_line(err)}") from None
     weights: dict[str, torch.Tensor] = {}
     for key, meta in metadata.state_dict_metadata.items():
         if key.startswith(MODEL_PREFIX) and hasattr(meta, "size"):
@@ -275,9 +377,14 @@ def model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not weights:
         raise CheckpointError(f"{path} holds no model tensors")
     loaded = {"model": weights}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(loaded, storage_reader=reader, no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(loaded, storage_reader=reader, no_dist=True)
+    except BaseException as err:  # noqa: B036 - DCP's CheckpointException derives from BaseException
+        if not isinstance(err, (Exception, dcp.api.CheckpointException)):
+            raise
+        raise CheckpointError(f"cannot load the shards of {path}: {_one_line(err)}") from None
     return loaded["model"]
 
 
@@ -287,8 +394,11 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     if not (path.is_dir() and is_sharded_checkpoint(path)):
         load_model_weights(model, path)
         return
-    validate(path)
-    weights = model_weights(path)
+    try:
+        validate(path)
+        weights = model_weights(path)
+    except CheckpointError as err:
+        raise UsageError(f"{path} is not a valid checkpoint ({err})") from None
     expected = model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
         raise UsageError(f"weights in {path} do not fit this model; build the model with the config the "
@@ -297,20 +407,31 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike) -> int:
-    """Write one plain safetensors file from any checkpoint folder (sharded or not). Returns the tensor count."""
+    """Write one plain safetensors file from any checkpoint folder (sharded or not). Returns the tensor count.
+
+    A checkpoint that does not validate or load: UsageError. A write that fails (a full disk): WriteFailed,
+    and nothing is left at `out` but what was there before (the file is written aside, fsynced, renamed)."""
     checkpoint, out = Path(checkpoint), Path(out)
     try:
         validate(checkpoint)
+        if is_sharded_checkpoint(checkpoint):
+            weights = model_weights(checkpoint)
+        else:
+            weights = read_weights(checkpoint)
     except CheckpointError as err:
         raise UsageError(f"{checkpoint} is not a valid checkpoint ({err})") from None
-    if is_sharded_checkpoint(checkpoint):
-        weights = model_weights(checkpoint)
-    else:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(checkpoint / "model.safetensors"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_weights(weights, tmp)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(weights, tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, out)
+        _fsync_path(out.parent)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type on a full disk
+        cause = cause_of(err, out.parent)
+        raise WriteFailed(f"cannot write {out}: {cause} (filesystem {mount_point(out.parent)}); nothing was "
+                          f"left there: free space or give another output path") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return len(weights)
