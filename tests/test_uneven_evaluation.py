@@ -88,6 +88,18 @@ def test_lm_recipe_under_fsdp2_validates_shares_that_leave_a_rank_empty(tmp_path
     assert row["val_tokens"] == val_blocks * (block - 1)
 
 
+@pytest.mark.parametrize("nproc, eval_batch", [(2, 179), (3, 119)])
+def test_classify_recipe_under_fsdp2_validates_shares_that_leave_a_rank_empty(tmp_path, nproc, eval_batch):
+    """The digits' 359 validation samples in global batches of 358 (2 x 179: the last holds 1 sample, rank 1
+    none of it) or 357 (3 x 119: the last holds 2, rank 2 none): the run ends, every sample counted once."""
+    out = tmp_path / "run"
+    run(["--epochs", "1", "--eval-batch-size", str(eval_batch), "--wandb-mode", "disabled",
+         "--collective-timeout", "20", "--init-timeout", "120", "--output-dir", str(out)],
+        nproc, config="cpu_fsdp", timeout=300)
+    [row] = read_metrics(out)
+    assert row["val_samples"] == 359 and 359 % (nproc * eval_batch) < nproc
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bounds: a hung validation ends within the step bound; a signal that finds no step boundary ends the job
 
