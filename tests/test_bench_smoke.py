@@ -116,3 +116,13 @@ def test_language_model_benches_run_and_fsdp2_holds_half_per_rank(tmp_path):
             for config, rows in ranks.items()}
     assert all(b > 0 for b in held["cpu_ddp"]) and held["cpu_ddp"][0] == held["cpu_ddp"][1]
     assert all(0.45 < f / held["cpu_ddp"][0] < 0.55 for f in held["cpu_fsdp"]), held
+
+
+def test_eval_padding_bench_runs_and_padding_changes_no_loss():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_padding.py"), "--smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["same_loss"] and result["median_s"]["padded"] > 0
+    assert result["padded_fraction"]["1"] == (24 - 19) / 19  # 19 blocks, batches of 8: one batch of 3 + 5 pads
