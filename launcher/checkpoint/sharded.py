@@ -62,6 +62,7 @@ from launcher.checkpoint import (
     validate,
 )
 from launcher.checkpoint.collective import first_error
+from launcher.checkpoint.layout import DCP_DIR  # validation reads the shards' folder too
 from launcher.checkpoint.loading import _torch_load, read_weights, trainer_state_of
 from launcher.checkpoint.rank_state import (
     STATS_REDUCED,
@@ -73,7 +74,6 @@ from launcher.checkpoint.rank_state import (
 from launcher.errors import LeaseLost, RunStopped, UsageError, WriteFailed
 from launcher.faults.write_failures import agree, cause_of, mount_point, write_failed
 
-DCP_DIR = "dcp"
 MODEL_PREFIX = "model."
 
 
@@ -326,29 +326,6 @@ def _read_small_files(path: Path, rank: int, scheduler: bool, scaler: bool) -> t
     except (KeyError, TypeError, AttributeError) as err:
         raise CheckpointMismatch(f"{path.name}'s RNG file of rank {rank} does not hold RNG states ({err})") from None
     return sched_state, scaler_state, state, stats, own
-
-
-def check_dcp_metadata(path: Path, files: dict) -> None:
-    """DCP's metadata loads and every tensor it indexes lies inside a listed shard file (a manifest that vouches
-    for a truncated shard). Raises CheckpointError."""
-    dcp = _dcp()
-    try:
-        metadata = dcp.FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata()
-        storage = metadata.storage_data
-        if not isinstance(storage, dict) or not storage:
-            raise ValueError("it indexes no storage")
-        for index, info in storage.items():
-            name = f"{DCP_DIR}/{info.relative_path}"
-            if name not in files:
-                raise ValueError(f"{getattr(index, 'fqn', index)} is in {info.relative_path}, which is not listed")
-            if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
-                    and info.length >= 0 and info.offset + info.length <= files[name]["size"]):
-                raise ValueError(f"{getattr(index, 'fqn', index)} lies past the end of {info.relative_path} "
-                                 f"(truncated?)")
-    except CheckpointError:
-        raise
-    except Exception as err:  # noqa: BLE001 - an unpickling error of any type: not a DCP checkpoint
-        raise CheckpointError(f"{path}/{DCP_DIR}/.metadata is not valid DCP metadata: {_one_line(err)}") from None
 
 
 def check_resume_format(path: Path, *, sharded_run: bool) -> None:
