@@ -72,7 +72,7 @@ def test_each_can_be_refused_instead(data):
     assert not out.exists()
 
 
-def test_streaming_refuses_string_columns_in_one_line(tmp_path):
+def test_streaming_refuses_string_columns_in_one_line_and_stores_numeric_ones(tmp_path):
     from launcher.data.streaming import load_stream_splits
 
     for split in ("train", "validation"):
@@ -81,3 +81,7 @@ def test_streaming_refuses_string_columns_in_one_line(tmp_path):
             tmp_path / split / "part-00000.parquet")
     with pytest.raises(UsageError, match="one-hot encoded without --streaming only"):
         load_stream_splits(str(tmp_path), seed=0)
+    for split in ("train", "validation"):  # numeric columns stream, and the run stores their preprocessing
+        pd.DataFrame({"x": [1.0, 2.0, 3.0], "label": [0, 1, 0]}).to_parquet(tmp_path / split / "part-00000.parquet")
+    pre = load_stream_splits(str(tmp_path), seed=0).preprocessing
+    assert (pre["kind"], pre["columns"], pre["class_names"]) == ("tabular", ["x"], ["0", "1"])
