@@ -164,21 +164,39 @@ def test_evaluation_loaders_pad_every_share_to_the_batch_size_and_say_what_is_re
     batch = 3
     real_ids, counts = [], set()
     for rank in range(world):
-        evaluation = ElasticBatchSampler(n, batch, rank=rank, world_size=world, shuffle=False, pad=True)
-        batches = [list(b) for b in evaluation]
-        counts.add(len(batches))
-        assert len(batches) == len(evaluation) == -(-n // (batch * world))
+        evaluation = ElasticBatchSampler(n, batch, rank=rank, world_size=world, shuffle=False, skip_empty=True)
+        plain = [list(b) for b in evaluation]  # iterated directly: each sample once, no padding
+        with evaluation.padded():
+            batches = [list(b) for b in evaluation]
+            counts.add(len(batches))
+            assert len(batches) == len(evaluation) == -(-n // (batch * world))
+            reals = [evaluation.real_samples(k) for k in range(len(batches))]
         assert all(len(b) == batch for b in batches)
-        for k, ids in enumerate(batches):
-            real = evaluation.real_samples(k)
+        for k, (ids, real) in enumerate(zip(batches, reals)):
             real_ids.append((k, rank, ids if real is None else ids[:real]))
             if real is not None:
                 assert ids[real:] == [0] * (batch - real)  # padding: copies of sample 0
+        assert [i for ids, real in zip(batches, reals) for i in (ids if real is None else ids[:real])] == \
+            [i for ids in plain for i in ids]
+        assert all(plain) and evaluation.real_samples(len(plain) - 1) is None  # outside padded(): no padding
         train = ElasticBatchSampler(n, batch, rank=rank, world_size=world, shuffle=False)
-        assert len(list(train)) == len(evaluation)
+        assert len(list(train)) == len(batches)
     assert len(counts) == 1
     in_order = [i for _, _, ids in sorted(real_ids, key=lambda t: (t[0], t[1])) for i in ids]
     assert in_order == list(range(n))
+
+
+def test_evaluation_loaders_skip_empty_shares_training_loaders_keep_them():
+    """7 samples, 2 per rank, 3 ranks: the second global batch has 1 sample. Training yields an empty batch
+    on ranks 1 and 2 (every rank takes part in each step); an evaluation loader iterated directly skips it."""
+    from launcher.data.sampling import ElasticBatchSampler
+
+    for rank, expected in ((0, [[0, 1], [6]]), (1, [[2, 3]]), (2, [[4, 5]])):
+        train = ElasticBatchSampler(7, 2, rank=rank, world_size=3, shuffle=False)
+        evaluation = ElasticBatchSampler(7, 2, rank=rank, world_size=3, shuffle=False, skip_empty=True)
+        assert [list(b) for b in evaluation] == expected and len(evaluation) == len(expected)
+        assert len(train) == len(list(train)) == 2
+        assert sum(len(b) for b in train) == sum(len(b) for b in evaluation)
 
 
 def test_below_the_limit_the_order_is_randperm_byte_for_byte():

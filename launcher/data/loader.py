@@ -49,10 +49,11 @@ def make_loader(
 
     if rank is None or world_size is None:
         rank, world_size = _rank_and_world_size()
-    # An unshuffled loader is an evaluation loader: its last batch is padded to the batch size on every rank
-    # (never counted), so every rank runs the same forward passes on the same shapes (launcher.data.sampling).
+    # An unshuffled loader is an evaluation loader: a rank with no sample in the last global batch skips it
+    # when iterated directly; evaluate/predict/validation pad every share to the batch size instead (never
+    # counted), so every rank runs the same forward passes on the same shapes (launcher.data.sampling).
     sampler = ElasticBatchSampler(len(ds), batch_size, rank=rank, world_size=world_size, seed=seed,
-                                  shuffle=shuffle, drop_last=drop_last, pad=not shuffle)
+                                  shuffle=shuffle, drop_last=drop_last, skip_empty=not shuffle)
     return DataLoader(
         ds,
         batch_sampler=sampler,

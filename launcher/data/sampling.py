@@ -18,16 +18,19 @@ Every rank yields the same number of batches, one per global batch, so no rank r
 This is the idea behind mosaicml-streaming's "elastic determinism": a global sample count over a fixed
 canonical order.
 
-Evaluation loaders (`pad=True`) go one step further: every batch of every rank has exactly the batch size.
-A short last share is filled up with copies of sample 0 that are never counted (`real_samples(k)` says how
-many of batch k are real; evaluation, prediction and their statistics keep only those). So every rank of a
-sharded model runs the same number of forward passes on the same shapes (FSDP2 gathers each layer's
-parameters in every forward: a rank with one batch fewer leaves the others waiting in that all-gather
-forever), and a sample's forward never depends on how many ranks share the epoch.
+Evaluation goes one step further: inside `sampler.padded()` (what `evaluate`, `predict` and fit's validation
+use) every batch of every rank has exactly the batch size. A short last share is filled up with copies of
+sample 0 that are never counted (`real_samples(k)` says how many of batch k are real; evaluation,
+prediction and their statistics keep only those). Iterated directly, an evaluation loader yields each
+sample once and nothing else (`skip_empty`: a rank whose share of the last batch is empty yields nothing).
+Padded, every rank of a sharded model runs the same number of forward passes on the same shapes (FSDP2
+gathers each layer's parameters in every forward: a rank with one batch fewer leaves the others waiting in
+that all-gather forever), and a sample's forward never depends on how many ranks share the epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -170,14 +173,15 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
 
     `set_epoch(epoch, start)` selects the epoch and the global position (samples already consumed by all
     ranks together) to continue from; `len()` is the number of batches this rank yields from there, the
-    same on every rank. `drop_last` drops a short last global batch. `pad` (evaluation loaders) fills a
-    short share of the last global batch up to `batch_size` with copies of sample 0 (`real_samples(k)` of
-    batch k are real, the rest padding), where training yields the short (or empty) share itself and
-    weighs it by its size.
+    same on every rank. `drop_last` drops a short last global batch. `skip_empty` (evaluation loaders)
+    makes a rank whose share of a short last batch is empty yield nothing for it, instead of the empty batch
+    that training needs so that every rank takes part in each step. Inside `padded()` (evaluation), every
+    share is filled up to `batch_size` with copies of sample 0 instead (`real_samples(k)` of batch k are
+    real, the rest padding), and every rank yields the same batches again.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, pad: bool = False,
+                 shuffle: bool = True, drop_last: bool = False, skip_empty: bool = False,
                  randperm_limit: int = RANDPERM_LIMIT) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
@@ -187,7 +191,8 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
-        self.pad = bool(pad)
+        self.skip_empty = bool(skip_empty)
+        self.pad = False  # set by `padded()` only
         self.randperm_limit = int(randperm_limit)
         self.epoch, self.start = 0, 0
         record = os.environ.get(RECORD_ENV)
@@ -210,7 +215,18 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         return self.start + (self.num_samples - self.start) // self.global_batch_size * self.global_batch_size
 
     def __len__(self) -> int:
+        if self.skip_empty and not self.pad:
+            return sum(1 for size in self.global_sizes() if share(size, self.rank, self.world_size)[1])
         return -(-(self.end - self.start) // self.global_batch_size)
+
+    @contextlib.contextmanager
+    def padded(self) -> Iterator[ElasticBatchSampler]:
+        """Batches iterated inside are all of `batch_size` on every rank (see the module docstring)."""
+        previous, self.pad = self.pad, True
+        try:
+            yield self
+        finally:
+            self.pad = previous
 
     def real_samples(self, k: int) -> int | None:
         """How many samples of this rank's batch `k` (counted from `start`) are real, or None for all of them
@@ -240,7 +256,8 @@ class ElasticBatchSampler(Sampler[EpochIndices]):
         for lo in range(self.start, end, g):
             size = min(g, end - lo)
             offset, length = (full, self.batch_size) if size == g else share(size, self.rank, self.world_size)
-            yield lo, lo + offset, length
+            if length or self.pad or not self.skip_empty:
+                yield lo, lo + offset, length
 
     def __iter__(self) -> Iterator[EpochIndices]:
         order = EpochOrder(self.num_samples, self.seed, self.epoch, self.shuffle, self.randperm_limit)

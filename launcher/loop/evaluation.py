@@ -25,6 +25,7 @@ from launcher.loop.batches import (
     valid_in_batch,
 )
 from launcher.loop.steps import _no_autocast
+from launcher.loop.user_model import user_step
 from launcher.tasks.base import BatchLoss, Task
 from launcher.tasks.metrics import MetricSet
 
@@ -49,7 +50,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, loss_fn: Callable | str |
     if prepare:
         model, loader = (accelerator.prepare(model), loader) if elastic else accelerator.prepare(model, loader)
     with bounded(accelerator) as watchdog, watchdog.evaluating():
-        return _evaluate(model, loader, task, batch_losses(task, unpack_batch, loss_fn, step),
+        return _evaluate(model, loader, task, batch_losses(task, unpack_batch, loss_fn, user_step(step)),
                          MetricSet(metrics, accelerator.device), accelerator, watchdog)
 
 
@@ -69,17 +70,27 @@ def _evaluate(model: torch.nn.Module, loader: Iterable, task: Task, compute: Cal
               metrics: MetricSet, accelerator: Accelerator, watchdog: NoWatchdog = NO_WATCHDOG) -> Any:
     sampler = find_elastic_sampler(loader)
     elastic = sampler is not None
+    stats = task.stats(accelerator.device)
+    metrics.reset()
+    was_training = model.training
+    model.eval()
+    with sampler.padded() if elastic else contextlib.nullcontext():
+        _evaluate_batches(model, loader, sampler, compute, stats, metrics, accelerator, watchdog, task)
+    model.train(was_training)
+    result = stats.reduce()
+    return result.with_extra(metrics.compute()) if metrics else result
+
+
+def _evaluate_batches(model: torch.nn.Module, loader: Iterable, sampler: Any, compute: Callable, stats: Any,
+                      metrics: MetricSet, accelerator: Accelerator, watchdog: NoWatchdog, task: Task) -> None:
+    elastic = sampler is not None
     move = elastic and accelerator.device.type != "cpu"
     # The task's own per-sample loss drops padding after the forward (the batch keeps its shape); a model's
     # own mean loss or a custom step sees only the real samples of a padded batch.
     drops_padding = getattr(compute, "per_sample", False)
-    stats = task.stats(accelerator.device)
-    metrics.reset()
-    was_training = model.training
     remainder = last_batch_remainder(loader)
     # Without native AMP, accelerator.autocast() is a nullcontext; building it costs ~5 us per batch.
     autocast = accelerator.autocast if accelerator.native_amp else _no_autocast
-    model.eval()
     for k, batch in enumerate(iterate(loader) if elastic else loader):
         real = sampler.real_samples(k) if elastic else None  # None: every sample; else the first `real`
         if real and not drops_padding:
@@ -100,6 +111,3 @@ def _evaluate(model: torch.nn.Module, loader: Iterable, task: Task, compute: Cal
         stats.add_batch(out, valid)
         if metrics:
             metrics.update(*task.metric_inputs(out.outputs, out.targets), valid)
-    model.train(was_training)
-    result = stats.reduce()
-    return result.with_extra(metrics.compute()) if metrics else result

@@ -34,7 +34,7 @@ def predict(model: torch.nn.Module, loader: Any, task: Task, *, accelerator: Acc
     columns: dict[str, list] = {"index": []}
     was_training = model.training
     model.eval()
-    with bounded(accelerator) as watchdog, watchdog.evaluating():
+    with bounded(accelerator) as watchdog, watchdog.evaluating(), sampler.padded():
         for k, indices in enumerate(loader.batch_sampler):
             batch = collate(dataset.__getitems__(list(indices)))
             if move:
