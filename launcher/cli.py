@@ -1,5 +1,6 @@
-"""The `launcher` console script: `launcher submit ...` (SLURM), `launcher compare ...` (local runs) and
-`launcher export ...` (one safetensors file from any checkpoint)."""
+"""The `launcher` console script: `launcher submit ...` (SLURM), `launcher compare ...` (local runs),
+`launcher export ...` (one safetensors file from any checkpoint) and `launcher predict ...` (new data scored
+with a run's stored preprocessing: docs/predict.md)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import sys
 
 from launcher.errors import EXIT_USAGE, RunStopped, UsageError
 
-USAGE = """usage: launcher {submit,compare,export} ...
+USAGE = """usage: launcher {submit,compare,export,predict} ...
 
   submit   render an sbatch script for a (multi-node) training job and submit it
   compare  compare runs from their metrics.jsonl and saved configs
   export   write one plain safetensors file from a checkpoint, sharded (FSDP) or not
+  predict  score new data (a table, an image folder) with a run's stored preprocessing and final weights
 """
 
 
@@ -34,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.checkpoint.export import export_main
 
             return export_main(rest)
-        raise UsageError(f"unknown command {command!r}: use 'launcher submit', 'launcher compare' or 'launcher export'")
+        if command == "predict":  # several processes: accelerate launch -m launcher predict ...
+            from launcher.loop.predicting import predict_main
+
+            return predict_main(rest)
+        raise UsageError(f"unknown command {command!r}: use 'launcher submit', 'launcher compare', 'launcher export' "
+                         f"or 'launcher predict'")
     except UsageError as err:
         print(f"launcher {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

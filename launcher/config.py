@@ -90,6 +90,11 @@ class TrainConfig:
                                               "(default: measured on a fixed sample of 512 training images)")
     image_std: list[str] | None = _opt(None, "per-channel std of image pixels in [0, 1], comma-separated "
                                              "(with --image-mean)")
+    no_categorical: bool = _opt(False, "tables: refuse string columns instead of one-hot encoding them (the "
+                                       "training split's most frequent values, plus one slot for any other)",
+                                relaunch="fixed")
+    no_impute: bool = _opt(False, "tables: refuse missing numeric values instead of filling them with the "
+                                  "training mean plus a missing-value indicator feature", relaunch="fixed")
     # model
     model: str = _opt("mlp", "mlp, cnn, resnet, module.path:factory (called with input_shape, num_classes), or "
                              "hf:NAME_OR_PATH (a transformers image or text classifier, pip install -e '.[hf]')",
@@ -102,7 +107,10 @@ class TrainConfig:
     batch_size: int = _opt(64, "batch size per process", relaunch="refuse-mid-epoch")
     eval_batch_size: int | None = _opt(None, "evaluation batch size per process (default: --batch-size)")
     lr: float = _opt(1e-3, "peak learning rate (AdamW)", relaunch="fixed")
-    weight_decay: float = _opt(0.01, "AdamW weight decay", relaunch="fixed")
+    weight_decay: float = _opt(0.01, "AdamW weight decay, on matrices and embeddings (parameters of 2 or more "
+                                     "dimensions); biases and norm weights get none", relaunch="fixed")
+    decay_all: bool = _opt(False, "weight decay on every parameter, biases and norm weights too (one optimizer "
+                                  "group)", relaunch="fixed")
     scheduler: str = _opt("cosine", "learning-rate schedule", ("cosine", "constant", "plateau"),
                           relaunch="fixed")
     warmup_steps: int = _opt(0, "linear warm-up, in optimizer steps (cosine/constant)", relaunch="fixed")
@@ -112,6 +120,9 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)",
                            relaunch="refuse-mid-epoch")
     max_grad_norm: float | None = _opt(1.0, "clip gradients to this global norm (0 or omitted: no clipping)")
+    ema: float | None = _opt(None, "keep an exponential moving average of the weights with this decay, e.g. 0.999 "
+                                   "(default: off): validated as val_ema_*, final/ holds the EMA weights "
+                                   "(docs/callbacks.md); not with FSDP yet", relaunch="fixed")
     deterministic: bool = _opt(False, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
                                       "deterministic without benchmark, CUBLAS_WORKSPACE_CONFIG): what makes a "
                                       "GPU run and its resume repeat bit for bit; slower (docs/checkpoints.md)")
@@ -196,6 +207,8 @@ class TrainConfig:
             raise UsageError(f"--max-grad-norm must be 0 (no clipping) or positive (got {self.max_grad_norm})")
         if not self.weight_decay >= 0 or self.plateau_patience < 0:
             raise UsageError("--weight-decay and --plateau-patience cannot be negative")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise UsageError(f"--ema must be between 0 and 1, e.g. 0.999 (got {self.ema})")
         if not math.isfinite(self.lr):
             raise UsageError(f"--lr must be a finite number (got {self.lr})")
         check_timeouts(self.collective_timeout, self.init_timeout)

@@ -40,14 +40,18 @@ from launcher.checkpoint.files import write_parquet_atomic
 from launcher.checkpoint.sharded import check_resume_format, load_weights
 from launcher.config import TrainConfig
 from launcher.data import DataSplits, load_splits, make_loader
+from launcher.data.labels import singleton_classes
 from launcher.data.streaming import load_stream_splits
 from launcher.data.text import TextOptions
 from launcher.errors import UsageError
 from launcher.loop import default_unpack, finite_or_none, forward, predict
 from launcher.loop import launch
 from launcher.loop.determinism import determinism_settings
+from launcher.loop.ema import EMA, FSDP_REFUSAL
 from launcher.loop.launch import open_run, relaunch
 from launcher.loop.outputs import eval_writes
+from launcher.loop.predicting import named_rows, with_preprocessing
+from launcher.loop.param_groups import decay_all_for, describe_optimizer, optimizer_summary, param_groups
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
@@ -77,7 +81,8 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
                                    seed=config.seed, augment=config.augment, image_size=config.image_size,
                                    image_mean=config.image_mean, image_std=config.image_std,
                                    dataset_config=config.dataset_config, text_columns=config.text_columns,
-                                   text=text, problem_type=config.problem_type)
+                                   text=text, problem_type=config.problem_type,
+                                   categorical=not config.no_categorical, impute=not config.no_impute)
         except UsageError as err:  # leave the block normally so its barrier is met on every rank
             error = err
     if error is not None:
@@ -86,6 +91,12 @@ def setup_data(config: TrainConfig, accelerator: Accelerator) -> DataSplits:
     accelerator.print(f"problem type: {data.problem_type} ({data.problem_reason}, {data.num_classes} "
                       f"{'classes' if 'classification' in data.problem_type else 'target(s)'}); "
                       f"--problem-type sets another")
+    if data.features_line:  # tables: numeric, missing values, categorical (launcher.data.preprocess)
+        accelerator.print(data.features_line)
+    if single and not config.streaming:  # a class seen once is in only one split (launcher.data.labels)
+        lonely = singleton_classes(data.class_names, data.train.labels, data.val.labels)
+        if lonely:
+            accelerator.print(lonely)
     if single and data.num_classes < 2:
         raise UsageError(f"dataset {data.name} has {data.num_classes} class ({', '.join(data.class_names)}) in "
                          f"--label-column {config.label_column or '(auto-detected)'}; classification needs at "
@@ -175,6 +186,7 @@ def run_eval_only(config: TrainConfig, accelerator: Accelerator, output_dir: Pat
     rows = None  # --predictions: every rank predicts its share; rank 0 writes them all, in the split's order
     if config.predictions:
         rows = predict(model, loader, task, accelerator=accelerator)
+        rows = rows if rows is None else named_rows(rows, data.class_names, data.problem_type)  # class names
         eval_writes(accelerator.is_main_process, Path(config.predictions), "predictions",
                     lambda: write_parquet_atomic(Path(config.predictions), rows), flag="--predictions path")
     row = finite_or_none(metrics.as_row("val"))  # strict JSON: NaN/inf as null
@@ -208,6 +220,8 @@ def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> Non
                                    deterministic=config.deterministic)
     if checkpoint is not None and not config.eval_only:
         check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
+    if config.ema and is_fsdp(accelerator) and not config.eval_only:
+        raise UsageError(FSDP_REFUSAL)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, accelerator, data)
@@ -217,7 +231,13 @@ def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> Non
     if config.eval_only:
         run_eval_only(config, accelerator, output_dir, data, model, checkpoint, task, info, resumed)
         return
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if decay_all_for(resumed) and not config.decay_all:  # a checkpoint from before the groups: one group
+        config = dataclasses.replace(config, decay_all=True)
+    # No weight decay on biases and norm weights (launcher.param_groups); --decay-all: one group.
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_all=config.decay_all),
+                                  lr=config.lr)
+    info["optimizer"] = optimizer_summary(optimizer)  # config.json's run_info: the groups and sizes
+    accelerator.print(describe_optimizer(optimizer))
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=config.best_mode,
                           factor=config.plateau_factor, patience=config.plateau_patience)
     # Sharded per rank by make_loader; the order is a function of (seed, epoch), the position a global
@@ -229,12 +249,15 @@ def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> Non
     checkpointing, tracker = open_run(
         config, accelerator, output_dir, checkpoint, resumed, model=model, optimizer=optimizer, info=info,
         lease=lease, export_final=hf.exporter(data.preprocessor) if hf.is_hf(config.model) else None)
+    # Every checkpoint and final/ carry what turns a raw row into an input (final/preprocessing.json).
+    checkpointing = with_preprocessing(checkpointing, data.preprocessing, model=config.model, num_outputs=num_classes)
     patience = config.early_stopping_patience
     fit(model, optimizer, train_loader, val_loader, epochs=config.epochs, task=task,
         accelerator=accelerator, scheduler=scheduler,
         max_grad_norm=config.max_grad_norm or None, monitor=Monitor(config.best_metric, config.best_mode),
         early_stopping=EarlyStopping(patience) if patience is not None else None, checkpointing=checkpointing,
-        log_every=config.log_every, tracker=tracker, find_unused_parameters=config.find_unused_parameters)
+        log_every=config.log_every, tracker=tracker, find_unused_parameters=config.find_unused_parameters,
+        callbacks=[EMA(config.ema)] if config.ema else None)  # final/ then holds the EMA weights
     accelerator.print(f"done: {output_dir}/final/model.safetensors"
                       + (f" and {output_dir}/final/hf (from_pretrained)" if hf.is_hf(config.model) else ""))
 

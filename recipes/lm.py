@@ -16,6 +16,7 @@ models, loadable with AutoModelForCausalLM.from_pretrained). The same folder aga
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ from launcher.data.lm.tokenizers import BYTE
 from launcher.errors import UsageError
 from launcher.loop import finite_or_none, launch
 from launcher.loop.determinism import determinism_settings
+from launcher.loop.ema import EMA, FSDP_REFUSAL
 from launcher.loop.launch import open_run, relaunch
 from launcher.loop.outputs import eval_writes
+from launcher.loop.param_groups import decay_all_for, describe_optimizer, optimizer_summary, param_groups
 from launcher.models import hf
 from launcher.models.gpt import GPT, SIZES, build_gpt, check_block_size
 from launcher.parallel.fsdp import distributed_label, is_fsdp
@@ -57,6 +60,9 @@ SAMPLE_TOP_K, SAMPLE_TEMPERATURE = 10, 0.8
 STDLIB_TRAIN_TOKENS = 2_000_000  # the default run's tokens per epoch: about a minute per epoch on one core
 
 
+LM_METRIC_NAMES = tuple(f"val_{name}" for name in ("loss", "perplexity", "token_accuracy"))
+
+
 @dataclass
 class LMConfig(TrainConfig):
     """classify.py's flags (optimisation, checkpoints, faults, W&B) with a language model's defaults, less the
@@ -68,6 +74,8 @@ class LMConfig(TrainConfig):
     dataset: str = option(STDLIB, "text: 'stdlib' (the embedded corpus: this Python's standard library), a text "
                           "file or folder of them, a save_to_disk folder, parquet/json/csv files or folders with a "
                           "text column, or a Hub dataset name", relaunch="fixed")
+    best_metric: str | None = option(None, "validation metric for early stopping, plateau LR and the best "
+                                     "checkpoint (default: val_loss)", LM_METRIC_NAMES, relaunch="fixed")
     model: str = option("gpt-nano", f"{', '.join(SIZES)} (the built-in GPT, docs/lm.md), or hf:NAME_OR_PATH "
                         f"(AutoModelForCausalLM with its own tokenizer)", relaunch="fixed")
     val_fraction: float = option(0.05, "fraction of the documents carved (by --seed) for validation when the "
@@ -76,7 +84,8 @@ class LMConfig(TrainConfig):
     epochs: int = option(2, "number of epochs")
     batch_size: int = option(32, "blocks per process per micro-batch", relaunch="refuse-mid-epoch")
     lr: float = option(2e-3, "peak learning rate (AdamW)", relaunch="fixed")
-    weight_decay: float = option(0.1, "AdamW weight decay", relaunch="fixed")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices and embeddings; biases and norm weights "
+                                 "get none (--decay-all: every parameter)", relaunch="fixed")
     log_every: int = option(20, "log the training loss and tokens/s every N optimizer steps")
     # language-model flags
     block_size: int = option(128, "tokens per training block (documents are joined, end-of-text between them, "
@@ -220,6 +229,10 @@ def continuation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, n
     itself; the seed makes the sample the same on every call)."""
     device = next(model.parameters()).device
     prompt = prompt.to(device)
+    limit = context_length(model)
+    if limit is not None and prompt.shape[1] + new_tokens > limit:  # a model with absolute positions
+        new_tokens = min(new_tokens, limit - 1)
+        prompt = prompt[:, -(limit - new_tokens):]  # the prompt's end, cropped to the model's context
     if isinstance(model, GPT):
         out = model.generate(prompt, new_tokens, top_k=SAMPLE_TOP_K, temperature=SAMPLE_TEMPERATURE, seed=seed)
     else:
@@ -232,6 +245,25 @@ def continuation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, n
                                  pad_token_id=tokenizer.pad_token_id)
         model.train(was_training)
     return tokenizer.decode(prompt[0].tolist()), tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """How many positions an hf model can attend to (GPT-2's n_positions, others' max_position_embeddings);
+    None for the built-in GPT, whose generate crops its context itself."""
+    if isinstance(model, GPT):
+        return None
+    config = getattr(model, "config", None)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def sample_or_warn(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, new_tokens: int,
+                   seed: int) -> tuple[str, str] | None:
+    """`continuation`, or None after a one-line warning: a sample is a courtesy and never fails a run."""
+    try:
+        return continuation(model, tokenizer, prompt, new_tokens, seed)
+    except Exception as err:  # noqa: BLE001 - whatever generate raises, training already finished
+        print(f"warning: no sample continuation ({type(err).__name__}: {err})", flush=True)
+        return None
 
 
 class SampleTables:
@@ -248,8 +280,10 @@ class SampleTables:
 
     def log_epoch(self, row: dict) -> None:
         self._tracker.log_epoch(row)
-        prompt, text = continuation(self._model, self._tokenizer, self._prompt, self._new_tokens, self._seed)
-        self._rows.append([row["epoch"], row["step"], prompt, text])
+        sample = sample_or_warn(self._model, self._tokenizer, self._prompt, self._new_tokens, self._seed)
+        if sample is None:
+            return
+        self._rows.append([row["epoch"], row["step"], *sample])
         self._tracker.log_table("samples", ["epoch", "step", "prompt", "continuation"], self._rows, step=row["step"])
 
 
@@ -314,6 +348,8 @@ def train(given: dict, config: LMConfig, output_dir: Path, lease: Any) -> None:
                                    deterministic=config.deterministic)
     if checkpoint is not None and not config.eval_only:
         check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
+    if config.ema and is_fsdp(accelerator) and not config.eval_only:
+        raise UsageError(FSDP_REFUSAL)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model = setup_model(config, accelerator, data)
@@ -322,7 +358,13 @@ def train(given: dict, config: LMConfig, output_dir: Path, lease: Any) -> None:
     if config.eval_only:
         run_eval_only(config, accelerator, output_dir, data, model, checkpoint, info, resumed)
         return
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if decay_all_for(resumed) and not config.decay_all:  # a checkpoint from before the groups: one group
+        config = dataclasses.replace(config, decay_all=True)
+    # No weight decay on biases and norm weights (launcher.param_groups); --decay-all: one group.
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_all=config.decay_all),
+                                  lr=config.lr)
+    info["optimizer"] = optimizer_summary(optimizer)  # config.json's run_info: the groups and sizes
+    accelerator.print(describe_optimizer(optimizer))
     monitor = Monitor(config.best_metric, config.best_mode).resolve(CausalLM(), ())  # val_loss by default
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=monitor.mode,
                           factor=config.plateau_factor, patience=config.plateau_patience)
@@ -343,10 +385,14 @@ def train(given: dict, config: LMConfig, output_dir: Path, lease: Any) -> None:
         monitor=monitor, early_stopping=EarlyStopping(patience) if patience is not None else None,
         checkpointing=checkpointing,
         log_every=config.log_every, tracker=sample_tracker(tracker, config, accelerator, model, data),
-        find_unused_parameters=config.find_unused_parameters, throughput=throughput)
+        find_unused_parameters=config.find_unused_parameters, throughput=throughput,
+        callbacks=[EMA(config.ema)] if config.ema else None)  # final/ then holds the EMA weights
+    sample = None
     if accelerator.is_main_process and config.sample_tokens:
-        prompt, text = continuation(final_model(config, output_dir, data), data.tokenizer,
-                                    prompt_ids(config, data), config.sample_tokens, config.seed)
+        sample = sample_or_warn(final_model(config, output_dir, data), data.tokenizer, prompt_ids(config, data),
+                                config.sample_tokens, config.seed)
+    if sample is not None:
+        prompt, text = sample
         what = f"sample of the final weights (top-{SAMPLE_TOP_K}, temperature {SAMPLE_TEMPERATURE}, seed {config.seed})"
         print(f"{what}:\n{prompt}\033[1m{text}\033[0m" if os.isatty(1) else
               f"{what}, prompt then continuation:\n{prompt}\n---\n{text}")

@@ -27,7 +27,7 @@ ALLOWED = {
     "tasks": set(),
     "schedulers": set(),
     "errors": set(),
-    "cli": {"slurm", "tracking", "checkpoint"},
+    "cli": {"slurm", "tracking", "checkpoint", "loop"},
     "__main__": {"cli"},
     "__init__": {"loop", "tasks", "faults"},
 }

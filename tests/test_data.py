@@ -300,7 +300,7 @@ def _parquet_with_missing_label(tmp_path):
         (lambda p: _csv(p, {"a": [1.0, 2.0], "b": [0, 1]}), {}, "no label column found"),
         (
             lambda p: _csv(p, {"a": [1.0, 2.0], "name": ["x", "y"], "label": [0, 1]}),
-            {},
+            {"categorical": False},  # one-hot encoded by default (tests/test_tables.py)
             "'name' (text) is not",
         ),
         # float labels are a regression unless classification is asked for
@@ -319,7 +319,7 @@ def _parquet_with_missing_label(tmp_path):
         ),
         (
             lambda p: _csv(p, {"a": [1.0, None, 3.0], "label": [0, 1, 1]}),
-            {},
+            {"impute": False},  # filled with the training mean by default (tests/test_tables.py)
             "feature column(s) a have missing",
         ),
         (lambda p: _csv(p, {"a": [1.0], "label": [0]}), {}, "at least 2 are needed"),

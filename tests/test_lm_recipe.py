@@ -314,3 +314,21 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(bad_inputs, corpus, ti
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert needle in lines[-1], lines[-3:]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_sample_longer_than_the_context_and_best_metric_perplexity_end_the_run_cleanly(corpus, tiny_gpt2, tmp_path):
+    """Two bugs a user met: a 32-token prompt plus 120 sampled tokens exceed the tiny GPT-2's 64 positions (the
+    sample crashed a finished run with IndexError), and --best-metric val_perplexity was refused by argparse."""
+    out = tmp_path / "run"
+    args = ["--dataset", str(corpus), "--model", f"hf:{tiny_gpt2}", "--block-size", "32", "--batch-size", "8",
+            "--epochs", "1", "--sample-tokens", "120", "--best-metric", "val_perplexity", "--wandb-mode", "disabled",
+            "--output-dir", str(out)]
+    result = subprocess.run([sys.executable, str(LM), *args], env=make_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sample of the final weights" in result.stdout and "warning: no sample" not in result.stdout
+    best = json.loads((out / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert best["best_value"] == pytest.approx(_rows(out)[0]["val_perplexity"])
+    proc = subprocess.run([sys.executable, str(LM), "--best-metric", "val_accuracy", "--output-dir",
+                           str(tmp_path / "x")], env=make_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "val_perplexity" in proc.stderr.splitlines()[-1]  # the choices it offers exist

@@ -123,7 +123,8 @@ def test_an_eval_only_run_reaches_wandb_naming_its_checkpoint(trained):
     [logged] = [row["predictions"] for row in ev.history_with("predictions")]
     assert logged["_type"] == "table-file" and logged["nrows"] == min(len(predictions), PREDICTIONS_TABLE_ROWS)
     table = json.loads((path.parent / "files" / logged["path"]).read_text())
-    assert table["columns"] == list(predictions.columns) == ["index", "label", "prediction", "probabilities"]
+    assert table["columns"] == list(predictions.columns) == ["index", "label", "prediction", "probabilities",
+                                                             "label_id", "prediction_id"]  # names, then ids
     assert table["data"] == [[v.tolist() if hasattr(v, "tolist") else v for v in row]
                              for row in predictions.head(PREDICTIONS_TABLE_ROWS).itertuples(index=False)]
 

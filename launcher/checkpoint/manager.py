@@ -56,7 +56,8 @@ class CheckpointManager:
     def save(self, state: TrainerState, *, model_state: dict[str, torch.Tensor], optimizer: Any,
              scheduler: Any = None, scaler: Any = None, best: bool = False,
              failure: RunStopped | None = None, flags: Sequence[float] = (),
-             check: Callable[[list[float]], None] | None = None, loader_state: dict | None = None) -> Path:
+             check: Callable[[list[float]], None] | None = None, loader_state: dict | None = None,
+             extra_files: dict[str, Callable[[str], None]] | None = None) -> Path:
         """Write one complete checkpoint (and point `best` at it). Every rank calls this; returns the folder.
 
         `failure`: an earlier write of this rank that failed (e.g. the metrics line); it is reported with
@@ -65,6 +66,8 @@ class CheckpointManager:
         in the save's one reduction; `check(sums)` runs on every rank before anything is committed and may
         raise to abandon the save (the temp folder is removed).
         `loader_state`: this rank's loader position (a stream's state_dict), kept in this rank's own file.
+        `extra_files`: more files of the checkpoint, name -> writer(path) run by rank 0 (fit's callbacks'
+        `callbacks.safetensors`), listed in the manifest with size and sha256 like the others.
         """
         final = self.root / checkpoint_name(state.global_step)
         tmp = self._tmp(final)
@@ -81,7 +84,7 @@ class CheckpointManager:
         failure = failure or mine
         if self.is_main and failure is None and not sums[0]:
             failure = self._guarded_write(final, state, stats, plain_state_dict(model_state), optimizer,
-                                          scheduler, scaler, best)
+                                          scheduler, scaler, best, extra_files)
         elif self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # another rank could not write its file: no checkpoint
         agree(failure)  # nobody goes on (or exits) before the checkpoint is complete on disk, or all stop
@@ -103,11 +106,12 @@ class CheckpointManager:
         return self.root / f".tmp-{final.name}-{tmp_suffix()}"
 
     def _guarded_write(self, final: Path, state: TrainerState, train_stats: dict | None, model_state: dict,
-                       optimizer: Any, scheduler: Any, scaler: Any, best: bool) -> RunStopped | None:
+                       optimizer: Any, scheduler: Any, scaler: Any, best: bool,
+                       extra_files: dict | None = None) -> RunStopped | None:
         try:
             if self.lease is not None:
                 self.lease.check()  # a stale writer never overwrites what the folder's new owner wrote
-            self._write(final, state, train_stats, model_state, optimizer, scheduler, scaler)
+            self._write(final, state, train_stats, model_state, optimizer, scheduler, scaler, extra_files)
             if best:
                 self.mark_best(final.name)
         except LeaseLost as err:
@@ -128,7 +132,7 @@ class CheckpointManager:
                 os.replace(trash, final)
 
     def _write(self, final: Path, state: TrainerState, train_stats: dict | None, model_state: dict,
-               optimizer: Any, scheduler: Any, scaler: Any) -> None:
+               optimizer: Any, scheduler: Any, scaler: Any, extra_files: dict | None = None) -> None:
         tmp = self._tmp(final)  # every rank's RNG file is in it already
         fault = os.environ.get(FAULT_ENV) == str(state.global_step)
         payload = asdict(state)
@@ -143,6 +147,7 @@ class CheckpointManager:
             files["scheduler.pt"] = lambda p: torch.save(scheduler.state_dict(), p)
         if scaler is not None:
             files["scaler.pt"] = lambda p: torch.save(scaler.state_dict(), p)
+        files.update(extra_files or {})
         manifest = {"format": FORMAT_VERSION, "step": state.global_step, "epoch": state.epoch,
                     "batches_done": state.batches_done,
                     "samples_done": state.samples_done, "reason": state.reason,

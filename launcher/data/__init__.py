@@ -16,7 +16,10 @@ The modules, one concern each:
 - `pipeline`: `load_splits` (the steps above, in order) and `DataSplits`, what it returns;
 - `sources`: raw datasets from each source, their splits, the label and input columns, label encoding, the
   stratified validation carve (steps 1-3);
+- `labels`: suspicious class labels (numbers mixed with strings refused, single-example classes named);
 - `batched`: `BatchedDataset`, the base of every dataset here (a whole batch per `__getitems__`);
+- `preprocess`: tables' categorical and missing values (`TableEncoder`) and `preprocessing.json`, what turns a
+  raw row into an input, stored with the model;
 - `arrays`: array and tabular inputs as tensors: the input spec, rows gathered from the Arrow table,
   standardization, `TensorBatchedDataset` and `ArrowBatchedDataset` (steps 3-5);
 - `images`: image folders and image columns listed at start-up and decoded, resized, augmented per batch;

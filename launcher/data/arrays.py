@@ -7,6 +7,7 @@ the memory-mapped Arrow table chunk by chunk, standardization on the training sp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ class _InputSpec:
     stored_shape: tuple[int, ...] = ()  # per sample, as stored in the array column
     transpose: tuple[int, ...] | None = None  # per-sample axes permutation from stored_shape to shape
     scale: float = 1.0  # 8-bit pixels are divided by 255
+    categorical: list[str] = dataclasses.field(default_factory=list)  # tabular string columns (one-hot)
+    encoder: Any = None  # tabular: launcher.data.preprocess.TableEncoder, fitted on the training split
 
 
 def _input_spec(
@@ -90,13 +93,15 @@ def _input_spec(
     val: datasets.Dataset | None,
     label_col: str,
     image_column: str | None,
+    categorical: bool = True,
 ) -> tuple[_InputSpec, datasets.Dataset, datasets.Dataset | None]:
-    """Decide the input columns and shape of array and tabular inputs (image columns: launcher.data.images)."""
+    """Decide the input columns and shape of array and tabular inputs (image columns: launcher.data.images).
+    `categorical`: string columns of a table are categorical features (False: refused, --no-categorical)."""
     features = train.features
     if image_column is None:
         image_column = _detect_image_column(features, label_col)
     if image_column is None:
-        return _tabular_spec(features, label_col), train, val
+        return _tabular_spec(features, label_col, categorical), train, val
 
     feature = features[image_column]
     depth = _array_depth(feature)
@@ -135,19 +140,26 @@ def _base_dtype(feature: Any) -> str:
 
 
 
-def _tabular_spec(features: datasets.Features, label_col: str) -> _InputSpec:
+def _is_string(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _tabular_spec(features: datasets.Features, label_col: str, categorical: bool = True) -> _InputSpec:
     columns = [c for c in features if c != label_col]
-    bad = [c for c in columns if _array_depth(features[c]) != 0]
+    strings = [c for c in columns if categorical and _is_string(features[c])]
+    bad = [c for c in columns if _array_depth(features[c]) != 0 and c not in strings]
     if bad:
         kinds = ", ".join(f"{c!r} ({_describe(features[c])})" for c in bad)
+        also = ("numeric or categorical (string)" if categorical else
+                "numeric (--no-categorical: string columns are refused; leave it out to one-hot encode them)")
         raise UsageError(
-            f"no image column found, so all other columns must be numeric features, but {kinds} "
+            f"no image column found, so all other columns must be {also} features, but {kinds} "
             f"is not; drop or encode it, or name the input column with --image-column (text inputs need "
             f"--model hf:NAME_OR_PATH)"
         )
     if not columns:
         raise UsageError(f"the dataset has no input columns besides the label {label_col!r}")
-    return _InputSpec(columns, "tabular", (len(columns),))
+    return _InputSpec(columns, "tabular", (len(columns),), categorical=strings)
 
 
 class _ColumnStore:
@@ -176,10 +188,16 @@ class _ColumnStore:
             self._views = [_chunk_views(arrow.column(c), c, sample) for c in self.spec.columns]
         return self._views
 
+    def raw(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The input columns' stored values of the given table rows, one array per column."""
+        return [_gather(starts, chunks, rows) for starts, chunks in self._column_views()]
+
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """Raw (not standardized) float32 inputs of the given table rows, shaped (len(rows), *spec.shape)."""
-        parts = [_gather(starts, chunks, rows) for starts, chunks in self._column_views()]
-        if self.spec.kind == "tabular":
+        parts = self.raw(rows)
+        if self.spec.kind == "tabular" and self.spec.encoder is not None:  # encoded: fills, indicators, one-hot
+            array = self.spec.encoder.encode(parts)
+        elif self.spec.kind == "tabular":
             array = np.stack([p.astype(np.float32, copy=False) for p in parts], axis=1)
         else:
             array = parts[0]
@@ -308,6 +326,8 @@ def _require_finite(spec: _InputSpec, tensor: torch.Tensor) -> None:
     if finite.all():
         return
     if spec.kind == "tabular":
-        names = ", ".join(c for c, ok in zip(spec.columns, finite.all(dim=0).tolist()) if not ok)
-        raise UsageError(f"feature column(s) {names} have missing or non-finite values; fill or drop them")
+        columns = spec.encoder.features if spec.encoder is not None else spec.columns
+        names = ", ".join(c for c, ok in zip(columns, finite.all(dim=0).tolist()) if not ok)
+        raise UsageError(f"feature column(s) {names} have missing or non-finite values; fill or drop them "
+                         f"(missing values are filled with training means unless --no-impute)")
     raise UsageError(f"input column {spec.columns[0]!r} has missing or non-finite values; fill or drop them")

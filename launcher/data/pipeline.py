@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from launcher.data.arrays import _ColumnStore, _input_spec, _standardized
 from launcher.data.images import AugmentedDataset, Augmenter, check_augment, lazy_image_splits
 from launcher.data import targets as target_types
+from launcher.data.preprocess import PREPROCESSING_FORMAT, fit_table_encoder
 from launcher.data.sources import (
     _array_depth,
     _detect_image_column,
@@ -49,6 +50,9 @@ class DataSplits:
     problem_reason: str = ""  # why that type (detected from the column, or --problem-type)
     target_mean: list[float] = field(default_factory=list)  # regression: the standardization of the targets
     target_std: list[float] = field(default_factory=list)
+    # What turns a raw row into an input, stored with the model (launcher.data.preprocess, preprocessing.json)
+    preprocessing: dict = field(default_factory=dict)
+    features_line: str = ""  # tabular: one line on the numeric and categorical features and missing values
 
 
 
@@ -67,6 +71,8 @@ def load_splits(
     text_columns: list[str] | None = None,
     text: TextOptions | None = None,
     problem_type: str | None = None,
+    categorical: bool = True,
+    impute: bool = True,
 ) -> DataSplits:
     """Load `dataset` ('digits', a local path, or a Hub name) as standardized train/val splits.
 
@@ -78,6 +84,8 @@ def load_splits(
     Text inputs (--text-columns, or string columns when no image column is found) are tokenized with
     `text`'s tokenizer (launcher.data.text); without `text` they are refused.
     problem_type: forces the problem type (default: detected from the label column, launcher.data.targets).
+    categorical / impute: tables' string columns one-hot encoded, missing numbers filled with the training
+    mean plus an indicator (launcher.data.preprocess); False refuses them instead.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
@@ -116,12 +124,17 @@ def load_splits(
             train_labels, val_labels, target_mean, target_std = target_types.standardize(train_labels, val_labels)
         typed = dict(problem_type=found.problem_type, problem_reason=found.reason, target_mean=target_mean,
                      target_std=target_std)
+        stored = {"format": PREPROCESSING_FORMAT, "label_column": label_col, "problem_type": found.problem_type,
+                  "class_names": list(class_names), "target_mean": list(target_mean),
+                  "target_std": list(target_std)}
         if text_cols:
             train_ds, val_ds = tokenized_splits(text, text_cols, (train, train_rows, train_labels),
                                                 (train if val is None else val, val_rows, val_labels))
             return DataSplits(train=train_ds, val=val_ds, num_classes=len(class_names), input_shape=(),
                               class_names=class_names, name=dataset, val_source=val_source, kind="text",
-                              preprocessor=text.tokenizer, **typed)
+                              preprocessor=text.tokenizer, preprocessing={**stored, "kind": "text",
+                                                                          "text_columns": list(text_cols)},
+                              **typed)
 
         column = image_column or _detect_image_column(train.features, label_col)
         if column is not None and isinstance(train.features[column], datasets.Image):
@@ -129,10 +142,18 @@ def load_splits(
                 train, train if val is None else val, column, (train_rows, train_labels), (val_rows, val_labels),
                 seed=seed, augment=augment, image_size=image_size, image_mean=image_mean, image_std=image_std)
             kind = "image"
+            stored.update(kind="encoded_images", image_column=column, mode=train_ds.mode, size=list(train_ds.size))
         else:
-            spec, train_table, val_table = _input_spec(train, val, label_col, image_column)
+            spec, train_table, val_table = _input_spec(train, val, label_col, image_column, categorical)
             train_store = _ColumnStore(train_table, spec)
             val_store = train_store if val_table is None else _ColumnStore(val_table, spec)
+            if spec.kind == "tabular":  # fills, indicators and vocabularies: from the training rows only
+                spec.encoder = fit_table_encoder(spec.columns, set(spec.categorical), train_store.raw(train_rows),
+                                                 impute=impute)
+                spec.shape = (spec.encoder.width,)
+                stored["encoder"] = spec.encoder.to_json()
+            stored.update(kind=spec.kind, columns=list(spec.columns), stored_shape=list(spec.stored_shape),
+                          transpose=None if spec.transpose is None else list(spec.transpose), scale=spec.scale)
             train_ds, val_ds, mean, std = _standardized(
                 spec, (train_store, train_rows, train_labels), (val_store, val_rows, val_labels)
             )
@@ -141,6 +162,7 @@ def load_splits(
                 if spec.kind != "image":
                     raise UsageError(f"--augment {augment} needs image inputs; this dataset's inputs are tabular")
                 train_ds = AugmentedDataset(train_ds, Augmenter(augment, shape[1], shape[2]), seed)
+    stored.update(input_shape=list(shape), mean=mean.flatten().tolist(), std=std.flatten().tolist())
     return DataSplits(
         train=train_ds,
         val=val_ds,
@@ -152,6 +174,8 @@ def load_splits(
         mean=mean.flatten().tolist(),
         std=std.flatten().tolist(),
         kind=kind,
+        preprocessing=stored,
+        features_line=spec.encoder.describe() if kind == "tabular" and spec.encoder is not None else "",
         **typed,
     )
 

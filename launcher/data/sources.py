@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 
 from launcher.data.images import list_image_folder
+from launcher.data.labels import mixed_labels
 from launcher.errors import UsageError
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
@@ -228,6 +229,7 @@ def _encode_labels(
         names = list(feature.names)
         ids = {s: v.astype(np.int64) for s, v in raw.items()}
     elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        mixed_labels(raw, column)  # one `cat` among integer ids: refused, naming it and its row
         names = sorted(set().union(*(np.unique(v.astype(str)).tolist() for v in raw.values())))
         ids = {s: np.searchsorted(np.asarray(names), v.astype(str)).astype(np.int64) for s, v in raw.items()}
     elif isinstance(feature, datasets.Value) and _is_integer_dtype(feature.dtype):

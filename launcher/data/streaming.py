@@ -33,6 +33,7 @@ from datasets.distributed import split_dataset_by_node
 
 from launcher.data import images, targets
 from launcher.data.batched import BatchedDataset
+from launcher.data.preprocess import PREPROCESSING_FORMAT
 from launcher.errors import UsageError
 
 SHUFFLE_BUFFER = 10_000
@@ -72,7 +73,8 @@ class RowConverter:
             self.columns = [c for c in features if c != self.label]
             bad = [c for c in self.columns if _array_depth(features[c]) != 0]
             if bad or not self.columns:
-                raise UsageError(f"--streaming: columns {', '.join(bad) or '(none)'} are not numeric features; "
+                raise UsageError(f"--streaming: columns {', '.join(bad) or '(none)'} are not numeric features "
+                                 f"(categorical string columns are one-hot encoded without --streaming only); "
                                  f"name the input column with --image-column")
         self.mode, self.size, self.shape = "RGB", (0, 0), ()
         self.mean = self.std = None
@@ -99,6 +101,10 @@ class RowConverter:
             if arrays.ndim == 3:  # (N, H, W): one channel
                 arrays = arrays[:, None]
             return torch.from_numpy(arrays)
+        missing = next((c for r in rows for c in self.columns if r[c] is None), None)
+        if missing is not None:
+            raise UsageError(f"--streaming: column {missing!r} has missing values; fill them first, or train "
+                             f"without --streaming (which fills them with training means)")
         return torch.tensor([[float(r[c]) for c in self.columns] for r in rows], dtype=torch.float32)
 
     def fit_targets(self, head: list[dict], val: datasets.Dataset) -> None:
@@ -347,7 +353,18 @@ def load_stream_splits(dataset: str, *, seed: int, label_column: str | None = No
         names = [str(i) for i in range(int(np.asarray(val.with_format("numpy")[convert.label]).max()) + 1)]
     train = StreamingTrain(lambda: _undecoded(build(), convert), convert, num_shards, num_rows, seed, buffer)
     regression = convert.problem_type == "regression"
+    # What launcher predict needs (launcher.data.preprocess); array columns are not described yet.
+    stored = {"format": PREPROCESSING_FORMAT, "label_column": convert.label, "problem_type": convert.problem_type,
+              "class_names": list(names), "target_mean": convert.target_mean.tolist() if regression else [],
+              "target_std": convert.target_std.tolist() if regression else [], "input_shape": list(convert.shape),
+              "mean": convert.mean.flatten().tolist(), "std": convert.std.flatten().tolist()}
+    if convert.kind == "tabular":
+        stored.update(kind="tabular", columns=list(convert.columns), stored_shape=[], transpose=None, scale=1.0)
+    elif convert.kind == "image":
+        stored.update(kind="encoded_images", image_column=convert.columns[0], mode=convert.mode,
+                      size=list(convert.size))
     return DataSplits(train=train, val=StreamValDataset(val, convert), num_classes=len(names),
+                      preprocessing=stored if convert.kind != "array" else {},
                       input_shape=convert.shape, class_names=names, name=dataset,
                       val_source="its validation split (map-style)", mean=convert.mean.flatten().tolist(),
                       std=convert.std.flatten().tolist(), problem_type=convert.problem_type,

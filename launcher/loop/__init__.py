@@ -22,6 +22,8 @@ The package, one concern per module (a name is looked up, and so patched, in the
 - `resume`: restoring a run from a checkpoint, the re-planned schedule, runs already finished;
 - `outputs`: checkpoints, the final model, metrics.jsonl, and the finiteness checks (Diverged);
 - `training`: fit and the epoch loop;
+- `callbacks`: Callback, the hooks on fit and their checkpointed state; `ema`: EMA, the weights' moving average;
+- `user_model`: what a custom step receives as its model (the prepared model's call, the plain model's attributes);
 - `launch`: what every recipe does around fit (flags, process group, output folder, relaunch, exit codes).
 """
 
@@ -38,6 +40,8 @@ from launcher.loop.batches import (
     resolve_task,
     valid_in_batch,
 )
+from launcher.loop.callbacks import Callback, CallbackRun
+from launcher.loop.ema import EMA
 from launcher.loop.evaluation import evaluate
 from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import Diverged, finite_or_none
@@ -50,7 +54,10 @@ from launcher.loop.training import Preempted, fit, should_save_step
 
 __all__ = [
     "Batch",
+    "Callback",
+    "CallbackRun",
     "Checkpointing",
+    "EMA",
     "Diverged",
     "EarlyStopping",
     "FitRun",

@@ -23,6 +23,7 @@ from launcher.checkpoint.sharded import full_model_state, is_sharded_model, save
 from launcher.errors import EXIT_DIVERGED, RunStopped, UsageError, WriteFailed
 from launcher.faults.agreement import first_failing_rank, from_rank
 from launcher.faults.write_failures import cause_of, main_writes, mount_point
+from launcher.loop.callbacks import checkpoint_files
 from launcher.loop.state import FitRun
 from launcher.tasks.base import TaskStats
 from launcher.tracking.tracker import process_gone, sweep_wandb_core_leftovers, sweep_wandb_staging
@@ -108,6 +109,8 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | N
     # receives another's (launcher.checkpoint.rank_state).
     loader_state = run.stateful_loader.state_dict() if run.stateful_loader is not None else None
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
+    # The callbacks' state: JSON into state.extra, tensors into callbacks.safetensors (launcher.loop.callbacks).
+    extra_files = checkpoint_files(run.callbacks, state, sharded=is_sharded_model(run.model))
     if is_sharded_model(run.model):  # every rank writes its own shards (launcher.checkpoint.sharded)
         if stats is not None:
             _check_finite_local(run, stats)
@@ -119,7 +122,7 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | N
     else:  # the checks ride on the save's one reduction
         path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
                                 scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure,
-                                flags=flags, check=check, loader_state=loader_state)
+                                flags=flags, check=check, loader_state=loader_state, extra_files=extra_files)
     run.last_checkpoint = path
     run.manager.rotate(protect=state.best_checkpoint)
     log_checkpoint = getattr(run.tracker, "log_checkpoint", None)  # optional in a user's own Tracker

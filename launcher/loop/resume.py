@@ -25,6 +25,7 @@ from launcher.checkpoint import (
 from launcher.checkpoint.rank_state import read_rank_rng, sum_saved
 from launcher.checkpoint.sharded import check_resume_format, is_sharded_checkpoint, is_sharded_model, load_sharded
 from launcher.errors import UsageError
+from launcher.loop.callbacks import loaded_state, read_callback_tensors
 from launcher.loop.outputs import _rewrite_metrics, _write_final
 from launcher.loop.state import FitRun
 from launcher.schedulers import replan
@@ -37,6 +38,7 @@ def _resume(run: FitRun, path: Path) -> None:
     acc = run.accelerator
     check_resume_format(path, sharded_run=is_sharded_model(run.model))
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
+    callback_tensors: dict = {}  # callbacks.safetensors (launcher.loop.callbacks); sharded checkpoints have none
     if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
         error = _validation_error(path) if acc.is_main_process else None
         error = first_error(error)  # DCP's load is collective: every rank must know before it starts
@@ -53,6 +55,8 @@ def _resume(run: FitRun, path: Path) -> None:
             if acc.is_main_process:
                 validated_once(path)  # the other ranks read meanwhile; nothing is applied before the verdict
             loaded = read_checkpoint(path, rank=acc.process_index, verify=False, **targets)
+            if run.callbacks is not None:
+                callback_tensors = read_callback_tensors(path)
         except (CheckpointError, UsageError, OSError) as err:  # unverified here: any damage, one verdict
             error = str(err)
         error = first_error(error)
@@ -81,6 +85,7 @@ def _resume(run: FitRun, path: Path) -> None:
             rng = None
     # Checkpoints written before the positions moved to each rank's own file kept every rank's here; read
     # them, and drop them so later checkpoints do not carry a stale copy.
+    loaded_state(run.callbacks, state.extra, callback_tensors)  # restored by the callbacks' train_start
     gathered = state.extra.pop("loader_states", None)
     if loader_state is None and gathered and acc.process_index < len(gathered):
         loader_state = gathered[acc.process_index]

@@ -66,3 +66,4 @@ class FitRun:
     # launcher.data.streaming's): each rank's state is saved in its own file of the checkpoint and restored on
     # resume at the same world size.
     stateful_loader: Any = None
+    callbacks: Any = None  # launcher.loop.callbacks.Callbacks of fit's callbacks=, None without any

@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from launcher.loop.batches import (
     samples_in,
     valid_in_batch,
 )
+from launcher.loop.callbacks import Callback, Callbacks
 from launcher.loop.evaluation import _evaluate
 from launcher.loop.options import Checkpointing, EarlyStopping, Monitor
 from launcher.loop.outputs import (
@@ -47,6 +48,7 @@ from launcher.loop.outputs import (
 from launcher.loop.resume import _finish_finished, _replan_schedule, _resume, finished_reason, planned_steps
 from launcher.loop.state import FitRun
 from launcher.loop.steps import _CountWeights, _ElasticFeed, _plain_samples_done, _step_functions
+from launcher.loop.user_model import user_step
 from launcher.parallel.fsdp import block_wrap_policy, is_fsdp, launcher_shards, shard_model
 from launcher.parallel.unused_parameters import configure_ddp
 from launcher.tasks.base import Task, TaskStats
@@ -96,6 +98,7 @@ def fit(
     unpack_batch: UnpackBatch = default_unpack,
     find_unused_parameters: str | bool = "auto",
     throughput: Throughput | None = None,
+    callbacks: Sequence[Callback] | None = None,
 ) -> list[dict]:
     """Train `model` for `epochs`, validating after each; returns one metrics row per epoch.
 
@@ -110,7 +113,10 @@ def fit(
         loss (`model(**inputs, labels=targets).loss`, transformers' convention); without task= or
         num_classes= the run reports val_loss and the user metrics.
     step: a custom step `(model, batch) -> launcher.tasks.StepOutput(loss_sum, count, outputs, targets)`
-        for anything else (several outputs or loss terms); every counted item weighs the same.
+        for anything else (several outputs or loss terms); every counted item weighs the same. Its `model` is
+        the prepared model's call with the plain model's attributes (launcher.loop.user_model.UserModel:
+        `model(x)` goes through DDP's wrapper, so gradients are all-reduced; `model.my_head` works on any
+        number of processes); on one process the model itself.
     metrics: user metrics by name, torchmetrics' interface (`val_<name>` in every row; launcher.tasks.metrics).
     accelerator: defaults to `make_accelerator(grad_accum=grad_accum, seed=seed)`.
     scheduler: a factory `(optimizer, total_optimizer_steps) -> scheduler` (see launcher.schedulers);
@@ -129,6 +135,9 @@ def fit(
         runs with find_unused_parameters=True), 'on', 'off' or 'static' (see launcher.parallel.unused_parameters).
     throughput: the model's FLOPs per token and the device's peak (launcher.tracking.throughput.Throughput):
         a token-level task's rows then carry `mfu` beside `tokens_per_second` (which they carry anyway).
+    callbacks: launcher.Callback objects (e.g. launcher.EMA(0.999)): hooks at train start, after each optimizer
+        step, after each validation, at saves and at the end; their state is in every checkpoint and restored
+        exactly on resume (launcher.loop.callbacks, docs/callbacks.md). None or []: the loop pays nothing.
     Raises `Preempted` (a SystemExit with code 75) after saving a checkpoint on SIGTERM/SIGUSR1,
     `Diverged` (code 3) when a training or validation loss is not finite (docs/relaunch.md),
     `WriteFailed` (exit code 74) on every rank when a checkpoint, metrics line or final/ cannot be written,
@@ -152,7 +161,7 @@ def fit(
     # count it as trained, so such a run probes on a validation batch (same inputs, no augmentation).
     probe_loader = val_loader if getattr(train_loader, "resumes_itself", False) else train_loader
     task = resolve_task(task, loss_fn, num_classes, step)
-    compute = batch_losses(task, unpack_batch, loss_fn, step)
+    compute = batch_losses(task, unpack_batch, loss_fn, user_step(step))
     metric_set = MetricSet(metrics, accelerator.device)
     monitor = monitor.resolve(task, metric_set.names())  # a name the run never produces fails here
 
@@ -183,6 +192,12 @@ def fit(
                            extra=dict(ckpt.extra_state or {})),
         train_sampler=train_sampler,
     )
+
+    def evaluate_now() -> Any:  # a callback's run.evaluate(): this epoch's validation on the current weights
+        with run.watchdog.evaluating():
+            return _evaluate(run.model, val_loader, run.task, run.compute, run.metrics, accelerator, run.watchdog)
+
+    run.callbacks = Callbacks(callbacks, run, evaluate_now) if callbacks else None
     lease = ckpt.lease
     own_lease = run.output_dir is not None and lease is None
     if own_lease:
@@ -207,8 +222,12 @@ def fit(
                                                 accelerator.gradient_accumulation_steps, epochs))
         elif run.output_dir is not None and accelerator.is_main_process and (run.output_dir / "metrics.jsonl").exists():
             _rewrite_metrics(run.output_dir, [])  # rows of an attempt that never reached a checkpoint
+        if run.callbacks is not None:
+            run.callbacks.train_start()  # after the resume: the callbacks' own state is restored here
         finished = finished_reason(run.state, epochs, patience, monitor.metric)
         if finished:
+            if run.callbacks is not None:
+                run.callbacks.train_end()
             _finish_finished(run, finished, epochs, patience)
             exit_code = 0
             return run.state.history
@@ -237,6 +256,8 @@ def fit(
             if watch.should_stop() and run.state.epoch < epochs:
                 exit_code = EXIT_PREEMPTED
                 raise Preempted(run.last_checkpoint)
+        if run.callbacks is not None:
+            run.callbacks.train_end()  # before final/: EMA copies its weights into the model here
         with run.watchdog.slow("final save"):
             _write_final(run)
         exit_code = 0
@@ -343,6 +364,8 @@ def _train_epoch(run: FitRun, train_loader: Any, epoch: int, epochs: int, watch:
         if run.step_sched is not None and not acc.optimizer_step_was_skipped:
             run.step_sched.step()
         state.global_step += 1
+        if run.callbacks is not None:
+            run.callbacks.step_end()
         if feed is not None:
             state.samples_done, last = feed.position, feed.is_last
         else:
@@ -455,6 +478,8 @@ def _validate_and_record(run: FitRun, val_loader: Any, epoch: int) -> dict:
     tokens = run.train_metrics.get("tokens") if run.task.token_level else None
     if tokens is not None:  # the epoch's exact global token count over its training time
         row.update(_token_rates(run, tokens / state.train_seconds if state.train_seconds else 0.0))
+    if run.callbacks is not None:
+        run.callbacks.validation_end(row)  # may add keys (EMA: val_ema_*) before the row is recorded
     state.history.append(row)
     if acc.is_main_process:
         if run.output_dir is not None and run.write_failure is None:
