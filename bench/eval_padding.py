@@ -11,6 +11,7 @@ most one batch per rank per evaluation: what it adds is the padded share of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -29,8 +30,16 @@ def padded_fraction(samples: int, batch: int, world: int) -> float:
     return (batches * batch * world - samples) / samples
 
 
+class Unpadded(ElasticBatchSampler):
+    """The sampler as it was before padding: `padded()` changes nothing (the last batch stays short)."""
+
+    @contextlib.contextmanager
+    def padded(self):
+        yield self
+
+
 def loader(ds, batch: int, pad: bool):
-    sampler = ElasticBatchSampler(len(ds), batch, shuffle=False, pad=pad)
+    sampler = (ElasticBatchSampler if pad else Unpadded)(len(ds), batch, shuffle=False, skip_empty=True)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=lambda b: b)
 
 

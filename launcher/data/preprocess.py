@@ -133,6 +133,10 @@ def fit_table_encoder(columns: list[str], categorical: set[str], parts: list[np.
     for column, part in zip(columns, parts):
         if column in categorical:
             counts = Counter(_category(v) for v in part)
+            if len(counts) > MAX_CATEGORIES and len(counts) > len(part) / 2:  # sentences, ids: not categories
+                raise UsageError(f"column {column!r} holds free text ({len(counts)} distinct values in {len(part)} "
+                                 f"training rows), not categories: train a text model on it with --model "
+                                 f"hf:NAME_OR_PATH (--text-columns {column}), or drop the column")
             top = sorted(counts, key=lambda v: (-counts[v], v is None, str(v)))[:MAX_CATEGORIES]
             encoder.categories[column] = sorted(top, key=lambda v: (v is None, str(v)))
             continue
