@@ -51,7 +51,7 @@ from launcher.loop.ema import EMA, FSDP_REFUSAL
 from launcher.loop.launch import open_run, relaunch
 from launcher.loop.outputs import eval_writes
 from launcher.loop.predicting import named_rows, with_preprocessing
-from launcher.loop.param_groups import decay_all_for, describe_optimizer, optimizer_summary, param_groups
+from launcher.loop.param_groups import recipe_optimizer
 from launcher.models import build_model, hf
 from launcher.parallel.fsdp import distributed_label, is_fsdp
 from launcher.schedulers import from_name
@@ -231,13 +231,8 @@ def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> Non
     if config.eval_only:
         run_eval_only(config, accelerator, output_dir, data, model, checkpoint, task, info, resumed)
         return
-    if decay_all_for(resumed) and not config.decay_all:  # a checkpoint from before the groups: one group
-        config = dataclasses.replace(config, decay_all=True)
     # No weight decay on biases and norm weights (launcher.param_groups); --decay-all: one group.
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_all=config.decay_all),
-                                  lr=config.lr)
-    info["optimizer"] = optimizer_summary(optimizer)  # config.json's run_info: the groups and sizes
-    accelerator.print(describe_optimizer(optimizer))
+    optimizer, config = recipe_optimizer(model, config, resumed, info, accelerator.print)
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=config.best_mode,
                           factor=config.plateau_factor, patience=config.plateau_patience)
     # Sharded per rank by make_loader; the order is a function of (seed, epoch), the position a global

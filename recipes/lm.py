@@ -16,7 +16,6 @@ models, loadable with AutoModelForCausalLM.from_pretrained). The same folder aga
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from launcher.loop.determinism import determinism_settings
 from launcher.loop.ema import EMA, FSDP_REFUSAL
 from launcher.loop.launch import open_run, relaunch
 from launcher.loop.outputs import eval_writes
-from launcher.loop.param_groups import decay_all_for, describe_optimizer, optimizer_summary, param_groups
+from launcher.loop.param_groups import recipe_optimizer
 from launcher.models import hf
 from launcher.models.gpt import GPT, SIZES, build_gpt, check_block_size
 from launcher.parallel.fsdp import distributed_label, is_fsdp
@@ -358,13 +357,8 @@ def train(given: dict, config: LMConfig, output_dir: Path, lease: Any) -> None:
     if config.eval_only:
         run_eval_only(config, accelerator, output_dir, data, model, checkpoint, info, resumed)
         return
-    if decay_all_for(resumed) and not config.decay_all:  # a checkpoint from before the groups: one group
-        config = dataclasses.replace(config, decay_all=True)
     # No weight decay on biases and norm weights (launcher.param_groups); --decay-all: one group.
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_all=config.decay_all),
-                                  lr=config.lr)
-    info["optimizer"] = optimizer_summary(optimizer)  # config.json's run_info: the groups and sizes
-    accelerator.print(describe_optimizer(optimizer))
+    optimizer, config = recipe_optimizer(model, config, resumed, info, accelerator.print)
     monitor = Monitor(config.best_metric, config.best_mode).resolve(CausalLM(), ())  # val_loss by default
     scheduler = from_name(config.scheduler, warmup_steps=config.warmup_steps, mode=monitor.mode,
                           factor=config.plateau_factor, patience=config.plateau_patience)

@@ -17,7 +17,7 @@ LAUNCHER = ROOT / "launcher"
 ALLOWED = {
     "loop": {"tasks", "data", "models", "parallel", "checkpoint", "faults", "tracking", "config", "schedulers"},
     "parallel": {"checkpoint"},
-    "tracking": {"config"},
+    "tracking": {"config", "faults"},  # faults.lease.pid_start: whose wandb temp folder is stale
     "checkpoint": {"faults", "config"},
     "models": {"data"},
     "config": {"tasks", "faults"},

@@ -49,7 +49,7 @@ class FolderInUse(UsageError):
     """The output folder is held by another live run."""
 
 
-def _pid_start(pid: int) -> str | None:
+def pid_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): tells a reused pid."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -65,7 +65,7 @@ def _alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:
         pass  # someone else's process: alive
-    now = _pid_start(pid)
+    now = pid_start(pid)
     return start is None or now is None or now == start
 
 
@@ -73,7 +73,7 @@ def identity() -> dict[str, Any]:
     """Who this process is, as the lease file records it."""
     pid = os.getpid()
     return {
-        "host": socket.gethostname(), "pid": pid, "pid_start": _pid_start(pid),
+        "host": socket.gethostname(), "pid": pid, "pid_start": pid_start(pid),
         # torchrun's agent survives its workers' restarts: its pid names "the same job" on this host
         "agent_pid": os.getppid() if "TORCHELASTIC_RESTART_COUNT" in os.environ else None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

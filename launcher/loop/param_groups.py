@@ -19,6 +19,7 @@ line and keep the summary in config.json's run_info).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -74,3 +75,17 @@ def decay_all_for(resumed: dict) -> bool:
     stored = resumed.get("config") if isinstance(resumed, dict) else None
     config = stored.get("config") if isinstance(stored, dict) else None
     return bool(resumed) and isinstance(config, dict) and "decay_all" not in config
+
+
+def recipe_optimizer(model: torch.nn.Module, config: Any, resumed: dict | None, info: dict,
+                     say: Any = print) -> tuple[torch.optim.AdamW, Any]:
+    """The recipes' AdamW: `param_groups` at `config.weight_decay` (`config.decay_all`: one group; a checkpoint
+    from before the groups resumes with one), the groups said in one line and kept in `info["optimizer"]`
+    (config.json's run_info). Returns the optimizer and the config (decay_all set where a resume needs it)."""
+    if resumed and decay_all_for(resumed) and not config.decay_all:
+        config = dataclasses.replace(config, decay_all=True)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, decay_all=config.decay_all),
+                                  lr=config.lr)
+    info["optimizer"] = optimizer_summary(optimizer)
+    say(describe_optimizer(optimizer))
+    return optimizer, config

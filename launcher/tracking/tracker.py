@@ -62,6 +62,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from launcher.faults.lease import pid_start
+
 if TYPE_CHECKING:
     from launcher.config import TrainConfig
 
@@ -301,19 +303,10 @@ def _warn_unavailable(what: str, err: BaseException) -> None:
 # wandb's temp folders, under the run folder
 
 
-def _pid_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): tells a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def staging_name(host: str | None = None, pid: int | None = None) -> str:
     """`.wandb-tmp-HOST-PID-START` of this process: who made it, so that only a dead owner's is ever swept."""
     pid = os.getpid() if pid is None else pid
-    return f"{STAGING_PREFIX}{host or socket.gethostname()}-{pid}-{_pid_start(pid) or 0}"
+    return f"{STAGING_PREFIX}{host or socket.gethostname()}-{pid}-{pid_start(pid) or 0}"
 
 
 def _owner_gone(name: str, host: str) -> bool:
@@ -328,7 +321,7 @@ def _owner_gone(name: str, host: str) -> bool:
         return False
     if process_gone(pid):
         return True
-    now = _pid_start(pid)
+    now = pid_start(pid)
     return start != "0" and now is not None and now != start
 
 
