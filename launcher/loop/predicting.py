@@ -1,6 +1,7 @@
 """`launcher predict RUN DATA --output preds.parquet`: new data scored with a run's stored preprocessing and
 its final weights, every row once and in order, in one process or many (`accelerate launch -m launcher
-predict ...`: each rank predicts its share, rank 0 writes the file); and the two helpers the recipe uses so
+predict ...`: each rank predicts its share, rank 0 writes the file); tables, images, and text runs (their
+tokenizer and config from final/hf, a .txt file one text a line); and the two helpers the recipe uses so
 that its models carry their preprocessing (`with_preprocessing`) and its `--predictions` name the classes
 (`named_rows`). docs/predict.md.
 """
