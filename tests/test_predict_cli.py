@@ -156,6 +156,9 @@ def test_text_runs_predict_csv_and_txt_like_the_runs_own_eval(text_run, tmp_path
     for column in ("label", "prediction", "label_id", "prediction_id"):
         assert got[column].tolist() == expected[column].tolist(), column
     np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(expected["probabilities"]), atol=1e-5)
+    checkpoint = tmp_path / "checkpoint.parquet"  # a checkpoint folder: its weights, its run's final/hf
+    predict([str(last), str(data / "validation.csv"), "--output", str(checkpoint), "--batch-size", "5"])
+    pd.testing.assert_frame_equal(pd.read_parquet(checkpoint), got)
 
     lines = tmp_path / "new.txt"
     lines.write_text("\n".join(pd.read_csv(data / "validation.csv")["text"]) + "\n")
