@@ -118,3 +118,71 @@ def test_an_image_folder_is_predicted_with_the_runs_image_size_and_statistics(tm
     assert got["index"].tolist() == list(range(17))
     assert set(got["label"]) == {"class0", "class1", "class2"} and set(got["prediction"]) <= set(pre["class_names"])
     assert np.allclose(np.stack(got["probabilities"]).sum(axis=1), 1.0)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A tiny BERT (tests/hf_fixtures.py) trained one epoch on sentences, truncated to 8 tokens."""
+    pytest.importorskip("transformers")
+    from tests import hf_fixtures
+
+    root = tmp_path_factory.mktemp("text")
+    data = root / "data"
+    data.mkdir()
+    hf_fixtures.write_text_csv(data / "train.csv", n=120, seed=0)
+    hf_fixtures.write_text_csv(data / "validation.csv", n=23, seed=1)
+    args = ["--dataset", str(data), "--model", f"hf:{hf_fixtures.tiny_bert(root / 'bert')}", "--batch-size", "8",
+            "--lr", "1e-2", "--max-length", "8"]
+    out = root / "run"
+    run([*args, "--epochs", "1", "--output-dir", str(out)], timeout=240)
+    return data, out, args
+
+
+def test_text_runs_predict_csv_and_txt_like_the_runs_own_eval(text_run, tmp_path):
+    data, out, args = text_run
+    pre = json.loads((out / "final" / "preprocessing.json").read_text())
+    assert pre["kind"] == "text" and pre["text_columns"] == ["text"] and pre["max_length"] == 8
+    last = out / "checkpoints" / list_checkpoints(out)[-1]
+    evaluated = tmp_path / "eval.parquet"
+    run([*args, "--eval-only", "--resume", str(last), "--output-dir", str(tmp_path / "eval"),
+         "--predictions", str(evaluated)], timeout=240)
+    expected = pd.read_parquet(evaluated)
+    assert list(expected.columns) == ["index", "label", "prediction", "probabilities", "label_id", "prediction_id"]
+
+    one = tmp_path / "one.parquet"
+    predict([str(out), str(data / "validation.csv"), "--output", str(one), "--batch-size", "5"])
+    got = pd.read_parquet(one)
+    assert list(got.columns) == list(expected.columns) and got["index"].tolist() == list(range(23))
+    for column in ("label", "prediction", "label_id", "prediction_id"):
+        assert got[column].tolist() == expected[column].tolist(), column
+    np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(expected["probabilities"]), atol=1e-5)
+    checkpoint = tmp_path / "checkpoint.parquet"  # a checkpoint folder: its weights, its run's final/hf
+    predict([str(last), str(data / "validation.csv"), "--output", str(checkpoint), "--batch-size", "5"])
+    pd.testing.assert_frame_equal(pd.read_parquet(checkpoint), got)
+
+    lines = tmp_path / "new.txt"
+    lines.write_text("\n".join(pd.read_csv(data / "validation.csv")["text"]) + "\n")
+    txt = tmp_path / "txt.parquet"
+    predict([str(out / "final"), str(lines), "--output", str(txt), "--batch-size", "7"], nproc=2)
+    from_txt = pd.read_parquet(txt)
+    assert list(from_txt.columns) == ["index", "prediction", "probabilities", "prediction_id"]
+    assert from_txt["index"].tolist() == list(range(23))  # each line once, in order, on 2 processes
+    assert from_txt["prediction"].tolist() == expected["prediction"].tolist()
+    np.testing.assert_allclose(np.stack(from_txt["probabilities"]), np.stack(expected["probabilities"]), atol=1e-5)
+
+    pd.read_csv(data / "validation.csv").rename(columns={"text": "sentence"}).to_csv(tmp_path / "x.csv", index=False)
+    done = predict([str(out), str(tmp_path / "x.csv"), "--output", str(tmp_path / "bad.parquet")], check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "lacks text column(s) text" in lines[0], done.stderr
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_multi_label_rows_name_their_classes():
+    from launcher.loop.predicting import _named, named_rows
+
+    rows = {"index": [0, 1], "label": [[0, 2], []], "prediction": [[2], [0, 1]], "probabilities": [[0.1] * 3] * 2}
+    named = named_rows(rows, ["a", "b", "c"], "multi_label_classification")
+    assert named["label"] == [[0, 2], []] and named["prediction"] == [[2], [0, 1]]  # the ids stay
+    assert named["label_names"] == [["a", "c"], []] and named["prediction_names"] == [["c"], ["a", "b"]]
+    pre = {"problem_type": "multi_label_classification", "class_names": ["a", "b", "c"]}
+    assert _named(rows, pre)["prediction_names"] == [["c"], ["a", "b"]]

@@ -84,8 +84,8 @@ def _close(a, b):
 
 
 @pytest.mark.slow
-def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_give_its_metrics(evaluated):
-    kind, stdout, rows, evals, _, _ = evaluated
+def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_give_its_metrics(evaluated, tmp_path):
+    kind, stdout, rows, evals, dataset, trained = evaluated
     expected_type = {"regression": "regression", "multi_label": "multi_label_classification"}[kind]
     assert f"problem type: {expected_type} (" in stdout
     assert rows and (kind != "regression" or not any("accuracy" in k for k in rows[-1]))  # never for a regression
@@ -113,6 +113,18 @@ def test_each_problem_type_trains_evaluates_the_same_anywhere_and_predictions_gi
         assert one["val_f1_macro"] == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0), rel=1e-9)
         assert one["val_exact_match"] == pytest.approx(skm.accuracy_score(y, p), rel=1e-9)
         assert len(predictions["probabilities"][0]) == 4
+        names = one["class_names"]  # besides the ids, their class names
+        for key in ("label", "prediction"):
+            assert [list(v) for v in predictions[f"{key}_names"]] == [[names[i] for i in ids]
+                                                                       for ids in predictions[key]], key
+        target = tmp_path / "new.parquet"  # launcher predict names them too
+        done = subprocess.run([sys.executable, "-m", "launcher", "predict", str(trained), str(dataset), "--output",
+                               str(target)], env=make_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        new = pd.read_parquet(target)
+        assert list(new.columns) == ["index", "label", "prediction", "probabilities", "prediction_names"]
+        assert [list(v) for v in new["prediction_names"]] == [[names[i] for i in ids] for ids in new["prediction"]]
+        assert any(len(v) for v in new["prediction_names"])
 
 
 @pytest.mark.slow

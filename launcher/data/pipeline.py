@@ -132,7 +132,8 @@ def load_splits(
                                                 (train if val is None else val, val_rows, val_labels))
             return DataSplits(train=train_ds, val=val_ds, num_classes=len(class_names), input_shape=(),
                               class_names=class_names, name=dataset, val_source=val_source, kind="text",
-                              preprocessor=text.tokenizer, preprocessing={**stored, "kind": "text",
+                              preprocessor=text.tokenizer, preprocessing={**stored, **text.stored(),
+                                                                          "kind": "text",
                                                                           "text_columns": list(text_cols)},
                               **typed)
 

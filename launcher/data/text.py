@@ -40,6 +40,17 @@ class TextOptions:
     def tokenizer(self) -> Any:
         return self.load_tokenizer()
 
+    @property
+    def effective_max_length(self) -> int:
+        """--max-length, capped by the tokenizer's own model_max_length."""
+        return min(self.max_length, getattr(self.tokenizer, "model_max_length", self.max_length))
+
+    def stored(self) -> dict[str, Any]:
+        """What preprocessing.json keeps of these options, so `launcher predict` tokenizes alike: truncation
+        to `max_length` tokens, padding per batch to the longest row (to `pad_to_multiple_of`)."""
+        return {"max_length": int(self.effective_max_length), "truncation": True, "padding": "longest",
+                "pad_to_multiple_of": self.pad_to_multiple_of}
+
 
 def is_text_feature(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in _STRING_DTYPES
@@ -77,7 +88,7 @@ def tokenized_splits(options: TextOptions, columns: list[str], train: _Part,
     from transformers import DataCollatorWithPadding
 
     tokenizer = options.tokenizer
-    max_length = min(options.max_length, getattr(tokenizer, "model_max_length", options.max_length))
+    max_length = options.effective_max_length
     cache: dict[int, datasets.Dataset] = {}
 
     def tokens(table: datasets.Dataset) -> datasets.Dataset:
