@@ -22,6 +22,9 @@ by default), `load_state_dict()` receives the same dict back (`on_load` by defau
 every other file; the rest into `trainer_state.json` (`extra.callbacks.NAME`). Each callback is keyed by its
 `name` (default: its class name), which must be unique and stable across relaunches. Rank 0's state is saved
 and every rank loads it: state that differs between ranks must be made equal in `on_save` (EMA does so).
+Under FSDP2 the tensors (DTensors stay sharded) go into the sharded checkpoint's DCP state dict instead, as
+`callbacks.NAME/KEY`, and are loaded by DCP after `on_train_start` into what `state_dict()` returns then
+(resharded on any world size).
 With no callback the loop pays nothing per step (the hooks are not even looked up).
 """
 
