@@ -47,7 +47,7 @@ from launcher.errors import UsageError
 from launcher.loop import default_unpack, finite_or_none, forward, predict
 from launcher.loop import launch
 from launcher.loop.determinism import determinism_settings
-from launcher.loop.ema import EMA, FSDP_REFUSAL
+from launcher.loop.ema import EMA
 from launcher.loop.launch import open_run, relaunch
 from launcher.loop.outputs import eval_writes
 from launcher.loop.predicting import named_rows, with_preprocessing
@@ -220,8 +220,6 @@ def train(given: dict, config: TrainConfig, output_dir: Path, lease: Any) -> Non
                                    deterministic=config.deterministic)
     if checkpoint is not None and not config.eval_only:
         check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
-    if config.ema and is_fsdp(accelerator) and not config.eval_only:
-        raise UsageError(FSDP_REFUSAL)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model, num_classes = setup_model(config, accelerator, data)

@@ -37,7 +37,7 @@ from launcher.data.lm.tokenizers import BYTE
 from launcher.errors import UsageError
 from launcher.loop import finite_or_none, launch
 from launcher.loop.determinism import determinism_settings
-from launcher.loop.ema import EMA, FSDP_REFUSAL
+from launcher.loop.ema import EMA
 from launcher.loop.launch import open_run, relaunch
 from launcher.loop.outputs import eval_writes
 from launcher.loop.param_groups import recipe_optimizer
@@ -347,8 +347,6 @@ def train(given: dict, config: LMConfig, output_dir: Path, lease: Any) -> None:
                                    deterministic=config.deterministic)
     if checkpoint is not None and not config.eval_only:
         check_resume_format(checkpoint, sharded_run=is_fsdp(accelerator))
-    if config.ema and is_fsdp(accelerator) and not config.eval_only:
-        raise UsageError(FSDP_REFUSAL)
     set_seed(config.seed)
     data = setup_data(config, accelerator)
     model = setup_model(config, accelerator, data)

@@ -2,6 +2,7 @@
 SIGKILL on 2 processes, and a custom step's model attributes under DDP (real processes, real kills)."""
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -135,14 +136,9 @@ def test_a_user_step_sees_the_model_itself_on_one_process():
     assert seen and all(m is model for m in seen)
 
 
-def test_ema_refuses_sharded_parameters_in_one_line():
-    """Under FSDP2 the recipes exit 2 with this line before anything is built (and fit raises it too)."""
-    from types import SimpleNamespace
+def test_ema_decay_out_of_range_is_refused():
+    from launcher import EMA
 
-    from launcher import EMA, UsageError
-
-    with pytest.raises(UsageError, match="not available with FSDP yet"):
-        EMA(0.99).on_train_start(SimpleNamespace(sharded=True))
     with pytest.raises(ValueError, match="between 0 and 1"):
         EMA(1.0)
 
@@ -184,6 +180,50 @@ def test_ema_sigkilled_and_resumed_on_two_processes_is_bit_identical(tmp_path):
     rows = comparable(read_metrics(killed))
     assert rows == comparable(read_metrics(clean))
     assert all(0.5 < row["val_ema_accuracy"] <= 1.0 for row in rows)
+
+
+FSDP_EMA_ARGS = ["--ema", "0.99", "--epochs", "2", "--batch-size", "32", "--save-every-steps", "5", "--keep-last",
+                 "2", "--lr", "3e-3"]
+
+
+@pytest.mark.slow
+def test_ema_under_fsdp2_sigkilled_resumed_and_resharded(tmp_path):
+    """FSDP2 on 2 processes: each rank averages its own shards, the EMA rides in the DCP checkpoint; SIGKILL and
+    --resume auto end bit-identical (EMA weights and metrics); final/ is the gathered EMA; a 2-process
+    checkpoint continues on 3 processes (DCP reshards the EMA)."""
+    from launcher.checkpoint.sharded import CALLBACKS_KEY, model_weights
+
+    clean, killed, wider = tmp_path / "clean", tmp_path / "killed", tmp_path / "wider"
+    slow = ["--model", "tests.slurm.slow_model:build"]
+    run([*FSDP_EMA_ARGS, *slow, "--output-dir", str(clean)], nproc=2, config="cpu_fsdp")
+    proc = start([*FSDP_EMA_ARGS, *slow, "--output-dir", str(killed)], nproc=2, config="cpu_fsdp")
+    reached = wait_for(lambda: newest_step(killed) >= 5, timeout=120, proc=proc)
+    signal_tree(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert reached and proc.returncode != 0, output[-3000:]
+    assert 0 < newest_step(killed) < 46, "the kill landed mid-run"
+    shutil.copytree(killed, wider)  # the same 2-process checkpoint, resumed on 3 below
+    result = run([*FSDP_EMA_ARGS, *slow, "--output-dir", str(killed), "--resume", "auto"], nproc=2, config="cpu_fsdp")
+    assert "resumed from" in result.stdout
+    assert_same_weights(final_weights(killed), final_weights(clean))
+    rows = comparable(read_metrics(killed))
+    assert rows == comparable(read_metrics(clean))
+    assert all(0.5 < row["val_ema_accuracy"] <= 1.0 for row in rows)
+    # final/ is the gathered EMA (full shapes), not the last checkpoint's training weights
+    last = clean / "checkpoints" / list_checkpoints(clean)[-1]
+    ema = model_weights(last, CALLBACKS_KEY)
+    assert_same_weights({f"ema/{k}": v for k, v in final_weights(clean).items()}, ema)
+    trained = model_weights(last)
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in final_weights(clean).items()}
+    assert any(not torch.equal(trained[k], v) for k, v in final_weights(clean).items())
+    # 3 processes from the 2-process checkpoint: the EMA loads resharded and the run ends close to the clean one
+    result = run([*FSDP_EMA_ARGS, *slow, "--output-dir", str(wider), "--resume", "auto"], nproc=3, config="cpu_fsdp")
+    assert "resumed from" in result.stdout
+    reference = final_weights(clean)
+    for name, tensor in final_weights(wider).items():
+        assert torch.isfinite(tensor).all() and tensor.shape == reference[name].shape
+        assert torch.allclose(tensor, reference[name], atol=0.1), name
+    assert all(0.5 < row["val_ema_accuracy"] <= 1.0 for row in read_metrics(wider) if "val_ema_accuracy" in row)
 
 
 @pytest.mark.slow

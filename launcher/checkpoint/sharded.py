@@ -75,6 +75,7 @@ from launcher.errors import LeaseLost, RunStopped, UsageError, WriteFailed
 from launcher.faults.write_failures import agree, cause_of, mount_point, write_failed
 
 MODEL_PREFIX = "model."
+CALLBACKS_KEY = "callbacks"  # fit's callbacks' tensors in the DCP state dict: "callbacks.NAME/KEY"
 
 
 def _dcp():
@@ -124,7 +125,8 @@ def _barrier() -> None:
 
 def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torch.nn.Module, optimizer: Any,
                  scheduler: Any = None, scaler: Any = None, best: bool = False,
-                 failure: RunStopped | None = None, loader_state: dict | None = None) -> Path:
+                 failure: RunStopped | None = None, loader_state: dict | None = None,
+                 extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one complete sharded checkpoint (and point `best` at it). Every rank calls this.
 
     The same promises as CheckpointManager.save: a failed write (any rank) raises WriteFailed on every rank
@@ -152,6 +154,8 @@ def save_sharded(manager: CheckpointManager, state: TrainerState, *, model: torc
         dcp = _dcp()
         shards = {"model": dcp.state_dict.get_model_state_dict(model),
                   "optimizer": dcp.state_dict.get_optimizer_state_dict(model, optimizer)}
+        if extra_tensors:
+            shards[CALLBACKS_KEY] = dict(extra_tensors)
         dcp.save(shards, checkpoint_id=tmp / DCP_DIR)  # FileSystemWriter fsyncs every file it writes
         # each rank its own file (RNG, its own sums, its loader's position); committed after the next agree
         write_rank_rng(tmp, _rank(), capture_rng(), state.train_stats, loader_state)
@@ -311,6 +315,29 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, schedule
     return state, own.rng, (own.stats if own.kept else stats), own.loader
 
 
+def load_callback_tensors(path: Path, templates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective: the callbacks' tensors of a sharded checkpoint, DCP loading into `templates` (NAME/KEY ->
+    a tensor or DTensor of the expected shape, filled in place; whatever world size wrote them). Only the keys
+    the checkpoint holds are loaded and returned. Any failure: one UsageError, on every rank together."""
+    dcp = _dcp()
+    error, wanted = None, {}
+    try:
+        metadata = dcp.FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata()
+        saved = {k[len(CALLBACKS_KEY) + 1:] for k in metadata.state_dict_metadata
+                 if k.startswith(CALLBACKS_KEY + ".")}
+        wanted = {k: v for k, v in templates.items() if k in saved}
+        if wanted:
+            dcp.load({CALLBACKS_KEY: wanted}, checkpoint_id=Path(path) / DCP_DIR)
+    except BaseException as err:  # noqa: B036 - DCP's CheckpointException derives from BaseException
+        if not isinstance(err, (Exception, dcp.api.CheckpointException)):
+            raise
+        error = f"cannot load the callbacks' shards ({_one_line(err)})"
+    error = first_error(error)
+    if error is not None:
+        raise UsageError(f"cannot resume from {path}: {error}")
+    return wanted
+
+
 def _one_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
@@ -336,8 +363,9 @@ def check_resume_format(path: Path, *, sharded_run: bool) -> None:
                          f"start a new FSDP run from them")
 
 
-def model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The whole model of a sharded checkpoint, in this one process, without a process group or a model.
+def model_weights(path: str | os.PathLike, group: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole model of a sharded checkpoint, in this one process, without a process group or a model
+    (`group=CALLBACKS_KEY`: the callbacks' tensors instead, by NAME/KEY, e.g. "ema/fc.weight").
 
     The tensors' shapes and dtypes come from DCP's metadata; DCP then fills them from every rank's shards.
     """
@@ -347,13 +375,14 @@ def model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         metadata = reader.read_metadata()
     except Exception as err:  # noqa: BLE001 - an unpickling error of any type
         raise CheckpointError(f"{path}/{DCP_DIR}/.metadata is not valid DCP metadata: {_one_line(err)}") from None
+    group = group or MODEL_PREFIX[:-1]
     weights: dict[str, torch.Tensor] = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith(MODEL_PREFIX) and hasattr(meta, "size"):
-            weights[key[len(MODEL_PREFIX):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        if key.startswith(group + ".") and hasattr(meta, "size"):
+            weights[key[len(group) + 1:]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not weights:
-        raise CheckpointError(f"{path} holds no model tensors")
-    loaded = {"model": weights}
+        raise CheckpointError(f"{path} holds no {'model' if group == MODEL_PREFIX[:-1] else group} tensors")
+    loaded = {group: weights}
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -362,7 +391,7 @@ def model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not isinstance(err, (Exception, dcp.api.CheckpointException)):
             raise
         raise CheckpointError(f"cannot load the shards of {path}: {_one_line(err)}") from None
-    return loaded["model"]
+    return loaded[group]
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

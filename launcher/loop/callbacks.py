@@ -22,6 +22,9 @@ by default), `load_state_dict()` receives the same dict back (`on_load` by defau
 every other file; the rest into `trainer_state.json` (`extra.callbacks.NAME`). Each callback is keyed by its
 `name` (default: its class name), which must be unique and stable across relaunches. Rank 0's state is saved
 and every rank loads it: state that differs between ranks must be made equal in `on_save` (EMA does so).
+Under FSDP2 the tensors (DTensors stay sharded) go into the sharded checkpoint's DCP state dict instead, as
+`callbacks.NAME/KEY`, and are loaded by DCP after `on_train_start` into what `state_dict()` returns then
+(resharded on any world size).
 With no callback the loop pays nothing per step (the hooks are not even looked up).
 """
 
@@ -35,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from launcher.checkpoint.layout import CheckpointError
-from launcher.errors import UsageError
 
 if TYPE_CHECKING:
     from launcher.loop.state import FitRun
@@ -154,6 +156,7 @@ class Callbacks:
         self.run = run
         self.view = CallbackRun(run, evaluate)
         self.pending: tuple[dict, dict[str, torch.Tensor]] | None = None  # (JSON, tensors) read by a resume
+        self.sharded_from: Path | None = None  # a sharded checkpoint: the tensors are loaded (DCP) at train_start
         # The per-step hook, bound once: only callbacks that override it are called.
         self._step_hooks = [c.on_step_end for c in self.items if type(c).on_step_end is not Callback.on_step_end]
 
@@ -163,6 +166,8 @@ class Callbacks:
         if self.pending is not None:
             json_state, tensors = self.pending
             self.pending = None
+            if self.sharded_from is not None:
+                tensors = self._load_sharded(self.sharded_from)
             self._restore(json_state, tensors)
 
     def step_end(self) -> None:
@@ -196,6 +201,18 @@ class Callbacks:
             json_state[name] = plain
         return json_state, tensors
 
+    def _load_sharded(self, path: Path) -> dict[str, torch.Tensor]:
+        """Collective: the callbacks' tensors of a sharded checkpoint, loaded by DCP into the tensors their
+        `state_dict()` gives now (after `on_train_start`: same shapes and placements, any world size)."""
+        from launcher.checkpoint.sharded import load_callback_tensors
+
+        templates: dict[str, torch.Tensor] = {}
+        for name, c in zip(self.names, self.items):
+            for key, value in (c.state_dict() or {}).items():
+                if isinstance(value, torch.Tensor):
+                    templates[f"{name}/{key}"] = value
+        return load_callback_tensors(path, templates)
+
     def _restore(self, json_state: dict, tensors: dict[str, torch.Tensor]) -> None:
         known = set(self.names)
         stale = sorted(set(json_state) - known | {k.split("/", 1)[0] for k in tensors} - known)
@@ -226,21 +243,22 @@ def read_callback_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} does not load: {str(err).splitlines()[0] if str(err) else err}") from None
 
 
-def checkpoint_files(callbacks: Callbacks | None, state: Any, sharded: bool) -> dict[str, Callable[[str], None]]:
-    """At a save (every rank): the callbacks' JSON state into `state.extra`, and the writer of their tensors
-    (`{CALLBACKS_FILE: write(path)}`, rank 0 runs it) for the checkpoint manager; {} without tensors."""
+def checkpoint_files(callbacks: Callbacks | None, state: Any, sharded: bool
+                     ) -> tuple[dict[str, Callable[[str], None]], dict[str, torch.Tensor]]:
+    """At a save (every rank): the callbacks' JSON state into `state.extra`, and their tensors: unsharded, the
+    writer of `{CALLBACKS_FILE: write(path)}` (rank 0 runs it) for the checkpoint manager; sharded (FSDP2), the
+    tensors as NAME/KEY (DTensors stay sharded) for the DCP state dict (`callbacks.NAME/KEY`). ({}, {}) without."""
     if callbacks is None:
-        return {}
+        return {}, {}
     json_state, tensors = callbacks.collect()
     state.extra[EXTRA_KEY] = json_state
     if not tensors:
-        return {}
+        return {}, {}
     if sharded:
-        raise UsageError(f"callback state with tensors ({', '.join(sorted({k.split('/')[0] for k in tensors}))}) "
-                         f"cannot be saved in a sharded (FSDP) checkpoint yet; keep such callbacks to DDP runs")
+        return {}, tensors
     from launcher.checkpoint.files import save_weights
 
-    return {CALLBACKS_FILE: lambda p: save_weights(tensors, p)}
+    return {CALLBACKS_FILE: lambda p: save_weights(tensors, p)}, {}
 
 
 def loaded_state(callbacks: Callbacks | None, extra: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -15,8 +15,10 @@ copied). It starts from the weights at the first step of the run (as timm's Mode
   included. Under DDP every rank keeps its own copy (the parameters are the same on every rank, so is their
   EMA; floating buffers, which DDP lets differ between ranks, are made rank 0's at every save, validation and
   at the end, one broadcast, only when the model has such buffers).
-- FSDP2 (sharded parameters) is refused for now (UsageError): the EMA of DTensor shards would have to go into
-  the sharded (DCP) checkpoint.
+- FSDP2 (sharded parameters, DTensors): each rank keeps the EMA of its own shards only (a float32 DTensor with
+  the parameter's placements; the update runs on the local shards), so its memory is the shard's. It is saved
+  in the sharded (DCP) checkpoint beside the model (`callbacks.ema/NAME`), so DCP reshards it: a resume on the
+  same world size is bit-identical, on another it continues from the loaded EMA. final/ holds the gathered EMA.
 """
 
 from __future__ import annotations
@@ -33,8 +35,28 @@ from launcher.errors import UsageError
 from launcher.loop.callbacks import Callback, CallbackRun
 
 _JSON_KEYS = ("decay", "updates")
-FSDP_REFUSAL = ("--ema (launcher.EMA) is not available with FSDP yet: use a DDP config "
-                "(accelerate_configs/cpu_ddp.yaml, multi_gpu.yaml) or drop --ema")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise). Called anew each time: FSDP2 may point a
+    sharded parameter at new local storage (at its lazy init, after a state-dict load)."""
+    with torch.no_grad():
+        return t.to_local() if _is_dtensor(t) else t.detach()
+
+
+def _shadow_of(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy (a DTensor of the same mesh and placements for a DTensor: only the local shard is held)."""
+    local = _local(t)
+    copy = local.to(torch.float32, copy=True) if local.is_floating_point() else local.clone()
+    if not _is_dtensor(t):
+        return copy
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(copy, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
 
 class EMA(Callback):
@@ -57,8 +79,6 @@ class EMA(Callback):
 
     # ---- the hooks
     def on_train_start(self, run: CallbackRun) -> None:
-        if run.sharded:
-            raise UsageError(FSDP_REFUSAL)
         model = run.model
         params = list(model.named_parameters())
         buffers = list(model.named_buffers())
@@ -66,23 +86,28 @@ class EMA(Callback):
         clash = set(self.names) & set(_JSON_KEYS)
         if clash:
             raise ValueError(f"EMA: the model has tensors named {sorted(clash)}, which EMA's state uses")
-        self._live = [t.detach() for _, t in params] + [t.detach() for _, t in buffers]
+        tensors = [t for _, t in params] + [t for _, t in buffers]
+        # DTensors (FSDP2) are kept as the parameters themselves, their local shards looked up at each use
+        self._dtensor = any(_is_dtensor(t) for t in tensors)
+        self._live = [t if _is_dtensor(t) else t.detach() for t in tensors]
         self._float = [i for i, t in enumerate(self._live) if t.is_floating_point()]
         self._other = [i for i, t in enumerate(self._live) if not t.is_floating_point()]
-        self._buffers = [i for i in range(len(params), len(self._live)) if self._live[i].is_floating_point()]
-        self.shadow = [t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone() for t in self._live]
+        self._buffers = [i for i in range(len(params), len(self._live))
+                         if self._live[i].is_floating_point() and not _is_dtensor(self._live[i])]
+        self.shadow = [_shadow_of(t) for t in self._live]
         self.updates = 0
-        self._shadow_float = [self.shadow[i] for i in self._float]
+        self._shadow_float = [_local(self.shadow[i]) for i in self._float]
         self._live_float = [self._live[i] for i in self._float]
         self._cast = any(t.dtype != torch.float32 for t in self._live_float)
 
     @torch.no_grad()
     def on_step_end(self, run: CallbackRun) -> None:
-        live = [t.float() for t in self._live_float] if self._cast else self._live_float
+        live = [_local(t) for t in self._live_float] if self._dtensor else self._live_float
+        live = [t.float() for t in live] if self._cast else live
         if live:
             torch._foreach_lerp_(self._shadow_float, live, 1.0 - self.decay)
         for i in self._other:
-            self.shadow[i].copy_(self._live[i])
+            _local(self.shadow[i]).copy_(_local(self._live[i]))
         self.updates += 1
 
     def on_validation_end(self, run: CallbackRun, row: dict) -> None:
@@ -117,32 +142,34 @@ class EMA(Callback):
             warnings.warn(f"EMA decay {self.decay} from now on; the checkpoint's average was built with "
                           f"{state['decay']}", stacklevel=2)
         for name, tensor in zip(self.names, self.shadow):
-            tensor.copy_(saved[name])
+            if saved[name] is not tensor:  # under FSDP2 DCP loaded into the shadow itself
+                _local(tensor).copy_(_local(saved[name]) if _is_dtensor(saved[name]) else saved[name])
         self.updates = int(state.get("updates", 0))
 
     # ---- the averaged weights
     def weights(self) -> dict[str, torch.Tensor]:
-        """The averaged parameters and buffers by name (float32; integer buffers as the model's)."""
+        """The averaged parameters and buffers by name (float32; integer buffers as the model's; under FSDP2
+        DTensors holding this rank's shards, `full_tensor()` gathers one)."""
         return dict(zip(self.names, self.shadow))
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Copy the EMA weights into the model (cast to its dtypes)."""
         for live, shadow in zip(self._live, self.shadow):
-            live.copy_(shadow)
+            _local(live).copy_(_local(shadow))
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The EMA weights in the model for the block; the model's own weights back afterwards, bit for bit."""
         with torch.no_grad():
-            saved = [t.clone() for t in self._live]
+            saved = [_local(t).clone() for t in self._live]
         self.copy_to_model()
         try:
             yield
         finally:
             with torch.no_grad():
                 for live, old in zip(self._live, saved):
-                    live.copy_(old)
+                    _local(live).copy_(old)
 
     @torch.no_grad()
     def _sync_buffers(self) -> None:

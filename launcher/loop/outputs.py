@@ -110,7 +110,7 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | N
     loader_state = run.stateful_loader.state_dict() if run.stateful_loader is not None else None
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
     # The callbacks' state: JSON into state.extra, tensors into callbacks.safetensors (launcher.loop.callbacks).
-    extra_files = checkpoint_files(run.callbacks, state, sharded=is_sharded_model(run.model))
+    extra_files, extra_tensors = checkpoint_files(run.callbacks, state, sharded=is_sharded_model(run.model))
     if is_sharded_model(run.model):  # every rank writes its own shards (launcher.checkpoint.sharded)
         if stats is not None:
             _check_finite_local(run, stats)
@@ -118,7 +118,8 @@ def _write_checkpoint(run: FitRun, reason: str, best: bool, stats: TaskStats | N
             check([1.0, 0.0])
         path = save_sharded(run.manager, state, model=acc.unwrap_model(run.model),
                             optimizer=run.optimizer, scheduler=scheduler, scaler=acc.scaler,
-                            best=best, failure=run.write_failure, loader_state=loader_state)
+                            best=best, failure=run.write_failure, loader_state=loader_state,
+                            extra_tensors=extra_tensors)
     else:  # the checks ride on the save's one reduction
         path = run.manager.save(state, model_state=acc.get_state_dict(run.model), optimizer=run.optimizer,
                                 scheduler=scheduler, scaler=acc.scaler, best=best, failure=run.write_failure,

@@ -38,7 +38,7 @@ def _resume(run: FitRun, path: Path) -> None:
     acc = run.accelerator
     check_resume_format(path, sharded_run=is_sharded_model(run.model))
     scheduler = run.step_sched.scheduler if run.step_sched is not None else run.plateau
-    callback_tensors: dict = {}  # callbacks.safetensors (launcher.loop.callbacks); sharded checkpoints have none
+    callback_tensors: dict = {}  # callbacks.safetensors (launcher.loop.callbacks); sharded: in the DCP shards
     if is_sharded_checkpoint(path):  # DCP reshards: any world size, FSDP or plain model
         error = _validation_error(path) if acc.is_main_process else None
         error = first_error(error)  # DCP's load is collective: every rank must know before it starts
@@ -47,6 +47,8 @@ def _resume(run: FitRun, path: Path) -> None:
         state, rng, stats, loader_state = load_sharded(
             path, model=acc.unwrap_model(run.model), optimizer=run.optimizer, scheduler=scheduler,
             scaler=acc.scaler, rank=acc.process_index, verify=False)
+        if run.callbacks is not None:  # their tensors are in the DCP shards: loaded once set up (train_start)
+            run.callbacks.sharded_from = path
     else:
         targets = {"model": acc.unwrap_model(run.model, keep_torch_compile=False), "optimizer": run.optimizer,
                    "scheduler": scheduler, "scaler": acc.scaler}
