@@ -9,9 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +120,25 @@ def assert_same_weights(a: dict, b: dict) -> None:
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert (a[key] == b[key]).all(), f"{key} differs"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@contextmanager
+def tmpfs(mnt: Path, size: str = "16m", *options: str) -> Iterator[Path]:
+    """A small tmpfs at `mnt` (a full or read-only disk for a test; needs root), unmounted whatever happens.
+    Fails in CI when it cannot be mounted, skips elsewhere."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((f"size={size}", *options)), "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        if in_ci():
+            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)

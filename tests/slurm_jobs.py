@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import free_port, make_env
+from tests.helpers import free_port, in_ci, make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -30,10 +30,6 @@ SLURM_CONF = STATE / "slurm.conf"
 TRAIN = ["recipes/classify.py", "--model", "tests.slurm.slow_model:build", "--epochs", "3", "--batch-size", "16",
          "--save-every-steps", "5", "--keep-last", "100"]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")

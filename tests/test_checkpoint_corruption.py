@@ -18,17 +18,13 @@ import torch
 
 from launcher.checkpoint import _sha256, save_weights
 from launcher.errors import EXIT_USAGE, EXIT_WRITE_FAILED
-from tests.helpers import RECIPE, ROOT, assert_same_weights, final_weights, make_env, read_metrics, run
+from tests.helpers import RECIPE, ROOT, assert_same_weights, final_weights, make_env, read_metrics, run, tmpfs
 
 pytestmark = pytest.mark.slow  # every test reads the reference run's files
 
 # One process, batch 64: 23 steps an epoch, checkpoints step-23 and step-46 (the epoch ends).
 ARGS = ["--epochs", "2", "--batch-size", "64"]
 NEWEST, PREVIOUS = "step-00000046", "step-00000023"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="module")
@@ -139,19 +135,8 @@ def test_export_of_final_says_what_to_give_instead(reference, tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 64 KiB tmpfs (smaller than the model), unmounted again whatever the test does."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        if in_ci():
-            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "64k") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_export_onto_a_full_disk_is_one_line_exit_74_and_leaves_nothing(reference, tiny_disk):

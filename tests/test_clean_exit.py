@@ -22,7 +22,7 @@ import pytest
 from launcher.errors import EXIT_USAGE, EXIT_WRITE_FAILED
 from launcher.loop.outputs import sweep_stale_temp
 from launcher.tracking.tracker import staging_name, sweep_wandb_core_leftovers
-from tests.helpers import RECIPE, ROOT, make_env, signal_tree, wait_for
+from tests.helpers import RECIPE, ROOT, make_env, signal_tree, tmpfs, wait_for
 
 TINY = ["--epochs", "1"]
 LONG = ["--epochs", "40"]  # about 0.1 s an epoch on the embedded digits: long enough to be killed mid-run
@@ -189,26 +189,10 @@ def trained(tmp_path_factory):
     return out / "checkpoints" / "best"
 
 
-def _mount_tmpfs(mnt: Path, *options: str) -> None:
-    mnt.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(("size=16m", *options)), "tmpfs", str(mnt)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-
-
-def _unmount(mnt: Path) -> None:
-    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 @pytest.mark.slow
 def test_eval_only_into_a_read_only_folder_is_one_line_naming_the_cause(trained, tmp_path):
     mnt = tmp_path / "ro"
-    _mount_tmpfs(mnt)
-    try:
+    with tmpfs(mnt):
         (mnt / "out").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)  # read-only even for root
         env = _env(tmp_path)
@@ -219,15 +203,12 @@ def test_eval_only_into_a_read_only_folder_is_one_line_naming_the_cause(trained,
             assert f"cannot write {what}" in line and "read-only file system" in line, line
             assert "run the same --eval-only command again" in line and "--resume auto" not in line, line
             assert "Traceback" not in result.stdout and ".tmp-" not in result.stdout, result.stdout[-3000:]
-    finally:
-        _unmount(mnt)
 
 
 @pytest.mark.slow
 def test_full_disk_during_predictions_says_free_space_and_rerun_the_eval(trained, tmp_path):
     mnt = tmp_path / "disk"
-    _mount_tmpfs(mnt)
-    try:
+    with tmpfs(mnt):
         filler = mnt / "filler"
         stats = os.statvfs(mnt)
         with open(filler, "wb") as f:
@@ -244,5 +225,3 @@ def test_full_disk_during_predictions_says_free_space_and_rerun_the_eval(trained
         filler.unlink()
         again = recipe(args, _env(tmp_path))
         assert again.returncode == 0 and parquet.exists(), again.stdout[-3000:]
-    finally:
-        _unmount(mnt)

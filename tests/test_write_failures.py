@@ -20,6 +20,7 @@ from tests.helpers import (
     make_env,
     read_metrics,
     run,
+    tmpfs,
 )
 
 # 1 process: 45 steps an epoch, saves at 10, 20, 30 (mid-epoch); 2 processes: 23 steps, saves at 10, 20, 23
@@ -28,26 +29,11 @@ ARGS = ["--epochs", "3", "--batch-size", "32", "--save-every-steps", "10", "--ke
 PAGE = 4096
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MiB tmpfs, unmounted again whatever the test does."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        if in_ci():
-            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "16m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def available(path) -> int:
